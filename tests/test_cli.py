@@ -1,0 +1,102 @@
+"""The CLI: fast --help, config building, and exit codes for user errors and Ctrl-C."""
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from iterabre.cli import app
+from iterabre.config import CompressConfig
+from iterabre.data import data_version
+
+runner = CliRunner()
+
+
+def _fake_flow(monkeypatch, behaviour):
+    """Install a stand-in flows.compress whose run_from_cli calls `behaviour(cfg)`."""
+    module = types.ModuleType("flows.compress")
+    module.run_from_cli = behaviour
+    monkeypatch.setitem(sys.modules, "flows.compress", module)
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = ("import sys; from typer.testing import CliRunner; from iterabre.cli import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "heavy = [m for m in ('torch', 'transformers', 'prefect', 'mlflow', 'dvc') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"  # what keeps `iterabre --help` fast
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("compress", "evaluate", "models", "data"):
+        assert command in result.output
+
+
+def test_compress_builds_config(monkeypatch):
+    seen = []
+    _fake_flow(monkeypatch, seen.append)
+    result = runner.invoke(app, ["compress", "--target-layers", "27", "--recovery", "lora-kd", "--lr", "1e-4",
+                                 "--recovery-tokens", "6144", "--eval-limit", "none", "--seq-len", "64",
+                                 "--trainable", "lora", "--output", "outputs/x", "--allow-pickle"])
+    assert result.exit_code == 0, result.output
+    (cfg,) = seen
+    assert isinstance(cfg, CompressConfig)
+    assert (cfg.target_layers, cfg.recovery_tokens, cfg.seq_len, cfg.output) == (27, 6144, 64, "outputs/x")
+    assert (cfg.recovery.method, cfg.recovery.lr, cfg.recovery.trainable) == ("lora-kd", 1e-4, "lora")
+    assert cfg.eval_limit is None and cfg.allow_pickle and not cfg.allow_remote_code
+    assert cfg.recovery.batch_size == CompressConfig().recovery.batch_size  # untouched when not given
+
+
+def test_compress_eval_limit_count(monkeypatch):
+    seen = []
+    _fake_flow(monkeypatch, seen.append)
+    assert runner.invoke(app, ["compress", "--target-ratio", "0.8", "--eval-limit", "20"]).exit_code == 0
+    assert seen[0].eval_limit == 20 and isinstance(seen[0].eval_limit, int)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["compress", "--target-layers", "20", "--target-ratio", "0.5"], "both --target-layers and --target-ratio"),
+    (["compress", "--target-layers", "20", "--eval-limit", "lots"], "is not a number"),
+    (["models", "pull", "nope"], "unknown embedded model"),
+])
+def test_user_errors_exit_2_with_one_line(monkeypatch, args, message):
+    _fake_flow(monkeypatch, lambda cfg: None)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    _fake_flow(monkeypatch, interrupted)
+    assert runner.invoke(app, ["compress", "--target-layers", "20"]).exit_code == 130
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch):
+    def bug(cfg):
+        raise RuntimeError("a bug")
+
+    _fake_flow(monkeypatch, bug)
+    result = runner.invoke(app, ["compress", "--target-layers", "20"])
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+
+
+def test_data_version_command():
+    result = runner.invoke(app, ["data", "version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"md5 {data_version()['md5']} clean"
+
+
+def test_installed_entry_point_error_exit_code():
+    exe = Path(sys.executable).with_name("iterabre")  # the console script of this venv
+    out = subprocess.run([str(exe), "models", "pull", "nope"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith("error: unknown embedded model")

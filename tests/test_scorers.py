@@ -1,0 +1,174 @@
+"""Block scorers: fast path == naive reference on every tiny family, semantics, selection, errors."""
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iterabre.errors import IterabreError
+from iterabre.scorers import SCORERS, lowest_blocks, naive_scores, score_blocks
+from iterabre.surgery import original_indices, remove_blocks
+from iterabre.tiny import FAMILY_CONFIGS, tiny_model
+
+ALL_FAMILIES = list(FAMILY_CONFIGS)
+
+
+def _calib(n: int = 3, t: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded batch: rows 1 and 2 end with padding (token 259, mask 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (n, t), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:], mask[2, 5:] = 0, 0
+    return ids.masked_fill(mask == 0, 259), mask
+
+
+def _assert_same(fast: dict, naive: dict, atol: float = 1e-4) -> None:
+    assert list(fast) == list(naive)
+    for k in naive:
+        assert math.isfinite(fast[k]) and abs(fast[k] - naive[k]) <= atol, (k, fast[k], naive[k])
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_fast_equals_naive_for_every_scorer(family, caplog):
+    model = tiny_model(family, num_layers=6)
+    ids, mask = _calib()
+    with caplog.at_level(logging.WARNING, logger="iterabre.scorers"):
+        for name in SCORERS:
+            fast = score_blocks(model, ids, mask, scorer=name, batch_size=2)
+            _assert_same(fast, naive_scores(model, ids, mask, scorer=name, batch_size=2))
+            assert sorted(fast) == list(range(6))
+    assert not caplog.records, "the fast path fell back to naive scoring"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_fast_equals_naive_for_runs_after_removal(family):
+    model = remove_blocks(tiny_model(family, num_layers=6), [1])
+    ids, mask = _calib()
+    for name in SCORERS:
+        fast = score_blocks(model, ids, mask, scorer=name, n=2, batch_size=2)
+        _assert_same(fast, naive_scores(model, ids, mask, scorer=name, n=2, batch_size=2))
+        # 5 blocks left, runs of 2: starts at positions 0..3, keyed by original index.
+        assert list(fast) == [0, 2, 3, 4] and fast.order == [0, 2, 3, 4, 5]
+
+
+def test_output_score_matches_real_removal():
+    model = tiny_model("qwen2", num_layers=5)
+    ids, mask = _calib()
+    scores = score_blocks(model, ids, mask, scorer="output")
+    with torch.no_grad():
+        full = model.model(ids, attention_mask=mask).last_hidden_state
+    for block in (0, 3):
+        pruned = remove_blocks(copy.deepcopy(model), [block])
+        with torch.no_grad():
+            without = pruned.model(ids, attention_mask=mask).last_hidden_state
+        cos = F.cosine_similarity(full[mask.bool()], without[mask.bool()], dim=-1)
+        assert scores[block] == pytest.approx(1 - cos.mean().item(), abs=1e-5)
+
+
+def test_perplexity_score_is_log_ppl_without_the_block():
+    model = tiny_model("llama", num_layers=4)
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
+    scores = score_blocks(model, ids, torch.ones_like(ids), scorer="perplexity")
+    pruned = remove_blocks(copy.deepcopy(model), [2])
+    with torch.no_grad():
+        loss = pruned(ids, labels=ids).loss.item()  # mean next-token NLL = log-perplexity
+    assert scores[2] == pytest.approx(loss, abs=1e-5)
+
+
+def test_padding_is_excluded_and_batching_does_not_matter():
+    model = tiny_model("mistral", num_layers=4)
+    ids, mask = _calib()
+    repadded = ids.masked_fill(mask == 0, 7)  # other tokens under the padding
+    for name in ("output", "block-influence", "perplexity"):
+        base = score_blocks(model, ids, mask, scorer=name, batch_size=3)
+        _assert_same(score_blocks(model, repadded, mask, scorer=name, batch_size=3), base, atol=1e-6)
+        _assert_same(score_blocks(model, ids, mask, scorer=name, batch_size=1), base, atol=1e-5)
+    # Without the mask the padded positions count, and the scores move.
+    unmasked = score_blocks(model, repadded, torch.ones_like(mask), scorer="output")
+    assert max(abs(unmasked[k] - base[k]) for k in base) > 1e-4
+
+
+def test_fallback_to_naive_when_replay_cannot_reproduce(caplog):
+    model = tiny_model("llama", num_layers=4)
+    # An extra transformation after the final norm that the fast path does not know about.
+    model.model.register_forward_hook(
+        lambda mod, args, out: out.__class__(last_hidden_state=out.last_hidden_state.flip(-1)))
+    ids, mask = _calib()
+    with caplog.at_level(logging.WARNING, logger="iterabre.scorers"):
+        fast = score_blocks(model, ids, mask, scorer="output")
+    assert "using naive scoring" in caplog.text and "final norm" in caplog.text
+    _assert_same(fast, naive_scores(model, ids, mask, scorer="output"), atol=1e-6)
+
+
+def test_progress_is_reported_and_mode_restored():
+    model = tiny_model("llama", num_layers=4).train()
+    ids, mask = _calib()
+    calls = []
+    record = lambda done, total: calls.append((done, total))  # noqa: E731
+    score_blocks(model, ids, mask, scorer="output", batch_size=2, progress=record)
+    assert calls == [(d, 8) for d in range(1, 9)]  # 2 batches x 4 candidates
+    calls.clear()
+    naive_scores(model, ids, mask, scorer="angular", n=2, batch_size=3, progress=record)
+    assert calls == [(1, 1)]
+    assert model.training
+
+
+def test_bad_inputs_raise_with_fix():
+    model = tiny_model("llama", num_layers=4)
+    ids, mask = _calib()
+    with pytest.raises(IterabreError, match="output, block-influence, angular, perplexity"):
+        score_blocks(model, ids, mask, scorer="nope")
+    with pytest.raises(IterabreError, match="n=4"):
+        score_blocks(model, ids, mask, scorer="angular", n=4)
+    with pytest.raises(IterabreError, match="does not match"):
+        score_blocks(model, ids, mask[:, :5])
+    with pytest.raises(IterabreError, match="no scorable tokens|No scorable tokens"):
+        score_blocks(model, ids, torch.zeros_like(mask))
+
+
+def test_lowest_blocks_ranks_with_deterministic_ties():
+    scores = {0: 0.5, 2: 0.1, 3: 0.3, 5: 0.1, 7: 0.9}
+    assert lowest_blocks(scores, 1) == [2]
+    assert lowest_blocks(scores, 3) == [2, 5, 3]
+    with pytest.raises(IterabreError, match="only 5"):
+        lowest_blocks(scores, 6)
+
+
+def test_lowest_blocks_contiguous_follows_remaining_order():
+    model = remove_blocks(tiny_model("llama", num_layers=6), [2])  # remaining: 0 1 3 4 5
+    ids, mask = _calib()
+    scores = score_blocks(model, ids, mask, scorer="angular", n=2)
+    start = min(scores, key=lambda i: (scores[i], i))
+    order = original_indices(model)
+    run = lowest_blocks(scores, 2, contiguous=True)
+    assert run == order[order.index(start):order.index(start) + 2]
+    # Explicit order wins, e.g. after a JSON round trip that dropped the attribute.
+    assert lowest_blocks({1: 0.2, 3: 0.1}, 2, contiguous=True, order=[0, 1, 3, 4]) == [3, 4]
+    assert lowest_blocks({0: 0.3, 1: 0.2, 2: 0.9}, 3, contiguous=True) == [1, 2, 3]
+    with pytest.raises(IterabreError, match="runs past the last block"):
+        lowest_blocks({3: 0.1}, 2, contiguous=True, order=[0, 1, 3])
+
+
+@pytest.mark.slow
+def test_smollm2_fast_equals_naive_and_pruned_reload_generates(smollm2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    fast = score_blocks(model, ids, mask, scorer="output", batch_size=2)
+    _assert_same(fast, naive_scores(model, ids, mask, scorer="output", batch_size=2))
+
+    remove_blocks(model, [15])
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert reloaded.config.num_hidden_layers == 29 and 15 not in reloaded.config.iterabre_original_layers
+    prompt = ids[:1, :12]
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8,
+                  do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(prompt, use_cache=False, **kwargs)
+        assert torch.equal(reloaded.generate(prompt, use_cache=True, **kwargs), expected)
