@@ -1,0 +1,520 @@
+"""Recovery (healing) of a pruned student by distillation from its teacher, torchtune style.
+
+`recover` checks its inputs and dispatches on `cfg.method` through `RECOVERY_METHODS`.
+The KD methods share one straight-line loop: pick the trainable parameters (all, the blocks
+next to the removed ones, or LoRA adapters), plan shuffled micro-batches until the token
+budget is spent, run AdamW with warmup + cosine/constant lr, clip, and guard: a NaN/Inf loss
+or one that grows past `max_loss_ratio` x the first loss restores the pre-recovery weights.
+The student is changed in place and handed back as a plain transformers model in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from iterabre.config import RecoveryConfig
+from iterabre.errors import IterabreError
+from iterabre.kd import KDLoss
+
+TRAINABLE = ("all", "adjacent", "lora")
+LR_SCHEDULES = ("cosine", "constant")
+CLIP_NORM = 1.0
+GUARD_EMA = 0.7  # smoothing of the guarded loss: one noisy batch must not abort a run
+GUARD_FLOOR = 1e-2  # nats; below this a student already matches, so ratios of tiny losses mean nothing
+
+
+@dataclass
+class RecoveryResult:
+    """What one recovery phase did; `to_dict()` goes into report.json."""
+
+    method: str
+    trainable: str
+    loss_before: float | None = None  # KD loss on held-out (or the first batch) before training
+    loss_after: float | None = None  # the same after training (== before if aborted)
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (optimizer step, train loss)
+    tokens: int = 0  # non-padding tokens trained on
+    steps: int = 0  # optimizer steps taken
+    seconds: float = 0.0  # wall time of the whole phase, evaluations included
+    tokens_per_s: float = 0.0  # training throughput (evaluations excluded)
+    aborted: bool = False
+    reason: str = ""
+    peak_mem_mb: float = 0.0  # CUDA: peak allocated; CPU: growth of the process's max RSS
+    extra: dict = field(default_factory=dict)  # method-specific details (e.g. reconstruct stats)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RecoveryJob:
+    """Everything a recovery method gets; one object so methods share one signature."""
+
+    student: nn.Module
+    teacher: nn.Module
+    input_ids: torch.Tensor  # [N,T]
+    attention_mask: torch.Tensor  # [N,T]
+    cfg: RecoveryConfig
+    removed: list[int]  # ORIGINAL indices of the blocks removed in this step
+    progress: Callable[[dict], None] | None = None
+    device: str = "cpu"
+    heldout_ids: torch.Tensor | None = None
+    heldout_mask: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------- pure helpers
+
+def plan_steps(mask: torch.Tensor, batch_size: int, grad_accum: int, budget: int,
+               seed: int) -> list[list[torch.Tensor]]:
+    """Row indices per micro-batch, grouped per optimizer step, until `budget` valid tokens are planned."""
+    lengths = mask.sum(dim=1)  # [N] valid tokens per sequence
+    if budget > 0 and int(lengths.sum()) == 0:
+        raise IterabreError("the recovery data has no non-padding tokens.", "pass text with attention_mask = 1")
+    gen = torch.Generator().manual_seed(seed)
+    order, micro, planned = torch.empty(0, dtype=torch.long), [], 0
+    while planned < budget:
+        if order.numel() < batch_size:  # epoch again: data shorter than the budget
+            order = torch.cat([order, torch.randperm(mask.shape[0], generator=gen)])
+            continue
+        idx, order = order[:batch_size], order[batch_size:]
+        micro.append(idx)
+        planned += int(lengths[idx].sum())
+    return [micro[i:i + grad_accum] for i in range(0, len(micro), grad_accum)]
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based) of `total`."""
+    if step < warmup:  # linear warmup that never starts at lr=0 (that step would be wasted)
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def adjacent_blocks(original: list[int], removed: list[int]) -> list[int]:
+    """Original indices of the kept blocks nearest before and after each removed block."""
+    kept, out = sorted(original), set()
+    for r in removed:
+        if r in kept:
+            raise IterabreError(f"block {r} is listed as removed but is still in the model.",
+                                "pass the ORIGINAL indices of the blocks that remove_blocks dropped")
+        before = [o for o in kept if o < r]
+        after = [o for o in kept if o > r]
+        out.update(([before[-1]] if before else []) + ([after[0]] if after else []))
+    return sorted(out)
+
+
+class LossGuard:
+    """Flags a NaN/Inf loss, or a smoothed loss above `ratio` x the first one."""
+
+    def __init__(self, ratio: float | None):
+        self.ratio, self.first, self.ema = ratio, None, None
+
+    def check(self, loss: float) -> str:
+        """'' while training looks healthy, else the reason to abort."""
+        if not math.isfinite(loss):
+            return f"loss became {loss}"
+        if self.first is None:
+            self.first = self.ema = loss
+            return ""
+        self.ema = GUARD_EMA * self.ema + (1 - GUARD_EMA) * loss
+        limit = (self.ratio or math.inf) * max(self.first, GUARD_FLOOR)
+        if self.ema > limit:
+            return f"loss grew to {self.ema:.4g} (smoothed), over {self.ratio} x the first loss {self.first:.4g}"
+        return ""
+
+
+# ---------------------------------------------------------------- devices, memory, loss
+
+def _model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def _autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA when asked; CPU runs in the weights' own dtype."""
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _mem_start(device: torch.device) -> int:
+    """Reset/record the memory baseline for `_peak_mem_mb`."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_mem_mb(device: torch.device, start: int) -> float:
+    """CUDA peak allocated MiB, or the CPU max-RSS growth in MiB (ru_maxrss is KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024
+
+
+def _run(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, hidden: bool, bf16: bool):
+    """One forward pass of a causal LM on its own device, without KV cache."""
+    device = _model_device(model)
+    with _autocast(device, bf16):
+        return model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                     output_hidden_states=hidden)
+
+
+def pair_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+              loss_fn: KDLoss, bf16: bool = True) -> tuple[torch.Tensor, dict]:
+    """KD loss of the student against the teacher on one micro-batch (teacher under no_grad)."""
+    with torch.no_grad():
+        t_out = _run(teacher, ids, mask, loss_fn.needs_hidden, bf16)
+    s_out = _run(student, ids, mask, loss_fn.needs_hidden, bf16)
+    dev = s_out.logits.device
+    t_hidden = t_out.hidden_states[-1].to(dev) if loss_fn.needs_hidden else None
+    s_hidden = s_out.hidden_states[-1] if loss_fn.needs_hidden else None
+    return loss_fn(s_out.logits, t_out.logits.to(dev), mask.to(dev), ids.to(dev), s_hidden, t_hidden)
+
+
+@torch.no_grad()
+def kd_loss_on(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+               cfg: RecoveryConfig, batch_size: int = 8) -> float:
+    """Token-weighted KD loss (as configured by cfg) over a held-out set, in eval mode."""
+    loss_fn, was_training = KDLoss.from_config(cfg), student.training
+    student.eval()
+    teacher.eval()
+    total, weight = 0.0, 0
+    for start in range(0, ids.shape[0], batch_size):
+        b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
+        n = int(b_mask.sum())
+        if n:
+            loss, _ = pair_loss(student, teacher, b_ids, b_mask, loss_fn, cfg.bf16)
+            total, weight = total + float(loss) * n, weight + n
+    student.train(was_training)
+    return total / weight if weight else float("nan")
+
+
+# ---------------------------------------------------------------- trainable parameters
+
+def _block_param_names(student: nn.Module, original: list[int]) -> list[str]:
+    """Names of the parameters of the blocks whose original index is in `original`."""
+    from iterabre.surgery import decoder_blocks, original_indices
+
+    wanted = set(original)
+    ids = {id(p) for j, block in zip(original_indices(student), decoder_blocks(student)) if j in wanted
+           for p in block.parameters()}
+    return [n for n, p in student.named_parameters() if id(p) in ids]
+
+
+def _dense_trainable(student: nn.Module, names: list[str]):
+    """Train `names` only; finish(keep=False) copies back a CPU snapshot taken before training."""
+    params = dict(student.named_parameters())
+    snapshot = {n: params[n].detach().to("cpu", copy=True) for n in names}
+    flags = {n: p.requires_grad for n, p in params.items()}
+    for n, p in params.items():
+        p.requires_grad_(n in snapshot)
+
+    def finish(keep: bool) -> nn.Module:
+        if not keep:
+            with torch.no_grad():
+                for n in names:
+                    params[n].copy_(snapshot[n])
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+        return student
+
+    return student, [params[n] for n in names], finish
+
+
+def _block_linear_names(student: nn.Module) -> list[str]:
+    """Full names of the Linear / GPT-2 Conv1D layers inside decoder blocks (LoRA targets)."""
+    from iterabre.surgery import decoder_blocks
+
+    inside = {id(m) for block in decoder_blocks(student) for m in block.modules()
+              if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    return [name for name, m in student.named_modules() if id(m) in inside]
+
+
+def _lora_trainable(student: nn.Module, cfg: RecoveryConfig):
+    """Wrap with LoRA adapters; finish merges them (keep) or drops them (abort) -> plain model."""
+    from peft import LoraConfig, get_peft_model
+
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=_block_linear_names(student))
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # seeded init, caller's RNG untouched
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft's, not ours
+        torch.manual_seed(cfg.seed)
+        model = get_peft_model(student, lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def finish(keep: bool) -> nn.Module:
+        base = model.merge_and_unload() if keep else model.unload()
+        if base is not student:  # recover() promises in-place changes
+            raise RuntimeError("peft returned a new model object instead of the unwrapped student")
+        for n, p in student.named_parameters():
+            p.requires_grad_(flags[n])
+        return student
+
+    return model, params, finish
+
+
+def select_trainable(student: nn.Module, cfg: RecoveryConfig, removed: list[int], trainable: str):
+    """(model to call, parameters to optimise, finish(keep) -> student) for the chosen mode."""
+    if trainable == "lora":
+        return _lora_trainable(student, cfg)
+    if trainable == "adjacent":
+        if not removed:
+            raise IterabreError("trainable='adjacent' needs the removed block indices.",
+                                "pass removed=[...] or use trainable='all'")
+        from iterabre.surgery import original_indices
+
+        names = _block_param_names(student, adjacent_blocks(original_indices(student), list(removed)))
+        return _dense_trainable(student, names)
+    return _dense_trainable(student, [n for n, _ in student.named_parameters()])
+
+
+# ---------------------------------------------------------------- training loop
+
+def _progress_bar(total: int):
+    """A tqdm bar over tokens, off when stderr is not a TTY or ITERABRE_NO_PROGRESS=1."""
+    from tqdm import tqdm
+
+    off = not sys.stderr.isatty() or os.environ.get("ITERABRE_NO_PROGRESS") == "1"
+    return tqdm(total=total, unit="tok", desc="recovery", disable=off, leave=False)
+
+
+@contextlib.contextmanager
+def _seeded(device: torch.device, seed: int):
+    """Seed dropout etc. for the loop without disturbing the caller's RNG state."""
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+def _accumulate(job: RecoveryJob, model: nn.Module, micro: list[torch.Tensor], loss_fn: KDLoss):
+    """Forward + backward over one step's micro-batches -> (mean loss, valid tokens)."""
+    total, tokens = 0.0, 0
+    for idx in micro:
+        ids, mask = job.input_ids[idx], job.attention_mask[idx]
+        loss, _ = pair_loss(model, job.teacher, ids, mask, loss_fn, job.cfg.bf16)
+        (loss / len(micro)).backward()
+        loss = loss.detach()
+        total, tokens = total + loss.item() / len(micro), tokens + int(mask.sum())
+    return total, tokens
+
+
+def _loop(job: RecoveryJob, model: nn.Module, params: list, steps: list) -> dict:
+    """Optimise over the planned steps; stop early when the guard trips."""
+    cfg, loss_fn, guard = job.cfg, KDLoss.from_config(job.cfg), LossGuard(job.cfg.max_loss_ratio)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = round(cfg.warmup_frac * len(steps))
+    out = dict(losses=[], tokens=0, reason="", seconds=0.0)
+    start, bar = time.perf_counter(), _progress_bar(cfg.tokens)
+    model.train()
+    for step, micro in enumerate(steps):
+        lr = cfg.lr * lr_factor(step, len(steps), warmup, cfg.lr_schedule)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, tokens = _accumulate(job, model, micro, loss_fn)
+        out["reason"] = guard.check(loss)
+        if out["reason"]:  # checked before opt.step, so the bad update is never applied
+            break
+        torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out["tokens"] += tokens
+        out["losses"].append((step, loss))
+        out["seconds"] = time.perf_counter() - start
+        bar.update(tokens)
+        if job.progress:
+            job.progress(dict(step=step, tokens=out["tokens"], loss=loss, lr=lr,
+                              tokens_per_s=out["tokens"] / max(out["seconds"], 1e-9)))
+    bar.close()
+    return out
+
+
+def _eval_set(job: RecoveryJob) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out data when given, else the first micro-batch of the training data."""
+    if job.heldout_ids is not None:
+        mask = job.heldout_mask if job.heldout_mask is not None else torch.ones_like(job.heldout_ids)
+        return job.heldout_ids, mask
+    return job.input_ids[:job.cfg.batch_size], job.attention_mask[:job.cfg.batch_size]
+
+
+def _set_checkpointing(student: nn.Module, on: bool) -> None:
+    """Gradient checkpointing on/off (non-reentrant, so frozen embeddings still pass gradients)."""
+    if not getattr(student, "supports_gradient_checkpointing", False):
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        student.activation_checkpointing_enable(kwargs) if on else student.activation_checkpointing_disable()
+    else:
+        student.gradient_checkpointing_enable(kwargs) if on else student.gradient_checkpointing_disable()
+
+
+def train_kd(job: RecoveryJob, trainable: str, method: str) -> RecoveryResult:
+    """Distil the teacher into the student in place; restore the old weights if the guard trips."""
+    cfg, student, device = job.cfg, job.student, torch.device(job.device)
+    start, mem = time.perf_counter(), _mem_start(device)
+    eval_ids, eval_mask = _eval_set(job)
+    loss_before = kd_loss_on(student, job.teacher, eval_ids, eval_mask, cfg)
+    steps = plan_steps(job.attention_mask, cfg.batch_size, cfg.grad_accum, cfg.tokens, cfg.seed)
+    model, params, finish = select_trainable(student, cfg, job.removed, trainable)
+    keep = False  # any exception below also restores the pre-recovery weights
+    try:
+        if cfg.grad_checkpointing:
+            _set_checkpointing(student, True)
+        with _seeded(device, cfg.seed):
+            out = _loop(job, model, params, steps)
+        loss_after = loss_before if out["reason"] else kd_loss_on(model, job.teacher, eval_ids, eval_mask, cfg)
+        if not out["reason"] and not math.isfinite(loss_after):
+            out["reason"] = f"held-out loss is {loss_after} after training"
+        keep = not out["reason"]
+    finally:
+        finish(keep)
+        if cfg.grad_checkpointing:
+            _set_checkpointing(student, False)
+        student.eval()
+    return RecoveryResult(
+        method=method, trainable=trainable, loss_before=loss_before,
+        loss_after=loss_after if keep else loss_before, losses=out["losses"],
+        tokens=out["tokens"], steps=len(out["losses"]), seconds=time.perf_counter() - start,
+        tokens_per_s=out["tokens"] / out["seconds"] if out["seconds"] else 0.0,
+        aborted=bool(out["reason"]), reason=out["reason"], peak_mem_mb=_peak_mem_mb(device, mem))
+
+
+# ---------------------------------------------------------------- methods
+
+def _recover_none(job: RecoveryJob) -> RecoveryResult:
+    """No training; the held-out loss is measured only when a held-out set was given."""
+    start = time.perf_counter()
+    loss = None
+    if job.heldout_ids is not None:
+        loss = kd_loss_on(job.student, job.teacher, *_eval_set(job), job.cfg)
+    return RecoveryResult(method="none", trainable="none", loss_before=loss, loss_after=loss,
+                          seconds=time.perf_counter() - start)
+
+
+def _recover_kd(job: RecoveryJob) -> RecoveryResult:
+    """KD with cfg.trainable parameters (all | adjacent | lora)."""
+    return train_kd(job, job.cfg.trainable, "kd")
+
+
+def _recover_lora_kd(job: RecoveryJob) -> RecoveryResult:
+    """KD through LoRA adapters, merged into the weights afterwards."""
+    return train_kd(job, "lora", "lora-kd")
+
+
+def _import_reconstruct():
+    """iterabre.reconstruct.reconstruct, imported on first use (it is an optional module)."""
+    try:
+        return importlib.import_module("iterabre.reconstruct").reconstruct
+    except ModuleNotFoundError as e:
+        if e.name != "iterabre.reconstruct":
+            raise
+        raise IterabreError("recovery method 'reconstruct' needs iterabre/reconstruct.py, which is missing.",
+                            "use --recovery kd or lora-kd, or install a complete iterabre") from None
+
+
+def _as_dict(result) -> dict:
+    """A reconstruct result as a plain dict for `RecoveryResult.extra`."""
+    if dataclasses.is_dataclass(result):
+        return dataclasses.asdict(result)
+    return dict(vars(result)) if hasattr(result, "__dict__") else {"result": result}
+
+
+def _recover_reconstruct(job: RecoveryJob) -> RecoveryResult:
+    """Closed-form reconstruction of the blocks next to the gap (iterabre.reconstruct)."""
+    reconstruct = _import_reconstruct()
+    device = torch.device(job.device)
+    start, mem = time.perf_counter(), _mem_start(device)
+    eval_ids, eval_mask = _eval_set(job)
+    before = kd_loss_on(job.student, job.teacher, eval_ids, eval_mask, job.cfg)
+    info = reconstruct(job.student, job.teacher, job.input_ids, job.attention_mask, job.cfg, list(job.removed))
+    after = kd_loss_on(job.student, job.teacher, eval_ids, eval_mask, job.cfg)
+    seconds = time.perf_counter() - start
+    tokens = int(getattr(info, "tokens", int(job.attention_mask.sum())))
+    return RecoveryResult(method="reconstruct", trainable="reconstruct", loss_before=before, loss_after=after,
+                          tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds if seconds else 0.0,
+                          peak_mem_mb=_peak_mem_mb(device, mem), extra={"reconstruct": _as_dict(info)})
+
+
+def _recover_reconstruct_kd(job: RecoveryJob) -> RecoveryResult:
+    """Reconstruct, then KD; an aborted KD part falls back to the reconstructed weights."""
+    first = _recover_reconstruct(job)
+    second = train_kd(job, job.cfg.trainable, "reconstruct+kd")
+    second.extra = {**first.extra, "loss_after_reconstruct": first.loss_after}
+    second.loss_before = first.loss_before
+    second.seconds += first.seconds
+    second.peak_mem_mb = max(first.peak_mem_mb, second.peak_mem_mb)
+    return second
+
+
+RECOVERY_METHODS: dict[str, Callable[[RecoveryJob], RecoveryResult]] = {
+    "none": _recover_none,
+    "kd": _recover_kd,
+    "lora-kd": _recover_lora_kd,
+    "reconstruct": _recover_reconstruct,
+    "reconstruct+kd": _recover_reconstruct_kd,
+}
+
+
+# ---------------------------------------------------------------- entry point
+
+def _check_config(cfg: RecoveryConfig) -> None:
+    """Reject settings the loop cannot run with, naming the field and the fix."""
+    if cfg.method not in RECOVERY_METHODS:
+        raise IterabreError(f"unknown recovery method {cfg.method!r}.", f"use one of {', '.join(RECOVERY_METHODS)}")
+    if cfg.trainable not in TRAINABLE:
+        raise IterabreError(f"unknown trainable={cfg.trainable!r}.", f"use one of {', '.join(TRAINABLE)}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise IterabreError(f"unknown lr_schedule={cfg.lr_schedule!r}.", f"use one of {', '.join(LR_SCHEDULES)}")
+    if cfg.tokens < 0 or cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise IterabreError(f"recovery needs tokens >= 0, batch_size >= 1, grad_accum >= 1 (got {cfg.tokens}, "
+                            f"{cfg.batch_size}, {cfg.grad_accum}).", "fix the recovery settings")
+    if not cfg.lr > 0 or not 0 <= cfg.warmup_frac < 1:
+        raise IterabreError(f"recovery needs lr > 0 and 0 <= warmup_frac < 1 (got {cfg.lr}, {cfg.warmup_frac}).",
+                            "fix the recovery settings")
+
+
+def _check_data(ids: torch.Tensor, mask: torch.Tensor, what: str) -> None:
+    """input_ids must be a 2-D integer tensor with a same-shaped attention mask."""
+    if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32) or mask.shape != ids.shape:
+        raise IterabreError(f"{what} ids {tuple(ids.shape)} / mask {tuple(mask.shape)} are not a matching "
+                            "[sequences, tokens] integer pair.", "pass token windows from iterabre.data")
+
+
+def _prepare_models(student: nn.Module, teacher: nn.Module, device: str) -> None:
+    """Both models on `device`; the teacher frozen in eval mode."""
+    if student is teacher:
+        raise IterabreError("the student and the teacher are the same object.",
+                            "distil from an unpruned copy (copy.deepcopy before removing blocks)")
+    student.to(device)
+    teacher.to(device).eval().requires_grad_(False)
+
+
+def recover(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            cfg: RecoveryConfig, removed: list[int] = (), progress: Callable[[dict], None] | None = None,
+            device: str = "cpu", heldout_ids: torch.Tensor | None = None,
+            heldout_mask: torch.Tensor | None = None) -> RecoveryResult:
+    """Heal `student` in place towards `teacher` with `cfg.method`; returns what happened."""
+    _check_config(cfg)
+    _check_data(input_ids, attention_mask, "recovery")
+    if heldout_ids is not None:
+        _check_data(heldout_ids, heldout_mask if heldout_mask is not None else heldout_ids, "held-out")
+    _prepare_models(student, teacher, device)
+    job = RecoveryJob(student, teacher, input_ids, attention_mask, cfg, list(removed), progress, device,
+                      heldout_ids, heldout_mask)
+    return RECOVERY_METHODS[cfg.method](job)
