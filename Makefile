@@ -59,3 +59,8 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+.PHONY: serve
+# Local Prefect server + process worker with the deployments of prefect.yaml (docs/PIPELINE.md).
+serve: setup
+	scripts/serve.sh

@@ -52,3 +52,58 @@ def smollm2_dir():
     from iterabre.models import pull_embedded_model
 
     return pull_embedded_model("smollm2-135m")
+
+
+# ---------------------------------------------------------------- flows (orchestration tests)
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(session_tmp) -> Path:
+    """A 6-block tiny Llama + byte tokenizer saved as a local model folder (a flow's `model`)."""
+    path = session_tmp / "tiny-llama-6"
+    if not path.exists():
+        tiny_model("llama", 6).save_pretrained(path)
+        byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(session_tmp):
+    """A real `prefect server start` on a free 127.0.0.1 port; yields the env to reach it."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port, home = _free_port(), session_tmp / "prefect-server-home"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
+    log = open(session_tmp / "prefect-server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"prefect server did not start; see {log.name}")
+                time.sleep(1)
+        yield env
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()

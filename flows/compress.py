@@ -1,0 +1,397 @@
+"""The IteRABRe loop, written once, as the Prefect flow `iterabre`.
+
+    prepare base + data -> evaluate base
+    while blocks > target: score -> prune -> recover -> (evaluate) -> log an MLflow child run
+    publish final/ -> evaluate final -> report -> register + alias (champion | challenger)
+
+Every task calls one `iterabre.steps` function and passes only paths, content hashes and
+small JSON, so results persist as JSON and a task's cache key is a hash of (task name,
+code, inputs' content hashes, parameters). Re-running the same job after a crash turns
+every finished task into a `Cached` state and continues from the last checkpoint.
+The same flow runs from the CLI (`run_from_cli`, Prefect's ephemeral API), from a
+deployment on a worker (`prefect deployment run iterabre/compress`) and from `flows.watch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from flows import tracking
+from iterabre import steps
+from iterabre.config import CompressConfig, RecoveryConfig
+from iterabre.paths import REPO_ROOT
+
+D, R = CompressConfig(), RecoveryConfig()
+RESULTS_ENV = "PREFECT_RESULTS_LOCAL_STORAGE_PATH"
+OPTION_DEFAULTS = dict(eval_every_step=False, min_blimp_retained=0.9, max_ppl_ratio=1.5,
+                       log_checkpoints=True, keep_pruned=False)
+
+
+# ---------------------------------------------------------------- caching
+
+_MODULE = re.compile(r"\biterabre(?:\.\w+)+")  # `from iterabre.x import`, importlib strings
+
+
+def _steps_closure(name: str, seen: set[str]) -> set[str]:
+    """Names of the `iterabre.steps` functions that `name` calls, directly or not (itself included)."""
+    seen.add(name)
+    source = inspect.getsource(getattr(steps, name))
+    for called in re.findall(r"\b(\w+)\(", source):
+        if called not in seen and inspect.isfunction(getattr(steps, called, None)):
+            _steps_closure(called, seen)
+    return seen
+
+
+def _module_files(text: str, seen: set[Path]) -> set[Path]:
+    """Files of the iterabre modules named in `text` and, transitively, in those files."""
+    for dotted in set(_MODULE.findall(text)):
+        parts = dotted.split(".")
+        while parts:  # `iterabre.evaluation.report.write_report` -> the longest prefix that is a file
+            rel = REPO_ROOT.joinpath(*parts)
+            hit = [p for p in (rel.with_suffix(".py"), rel / "__init__.py") if p.exists()]
+            if hit:
+                break
+            parts.pop()
+        # a package counts as a whole (task YAMLs, helpers loaded by name)
+        files = sorted(p for p in hit[0].parent.rglob("*") if p.suffix in (".py", ".yaml")) \
+            if hit and hit[0].name == "__init__.py" else hit
+        for path in files:
+            if path not in seen:
+                seen.add(path)
+                _module_files(path.read_text(encoding="utf-8"), seen)
+    return seen
+
+
+@functools.lru_cache(maxsize=None)
+def code_hash(task_name: str, step: str) -> str:
+    """sha256 of the code a task runs: its body, the steps function(s), their library modules.
+
+    Editing any of these invalidates the task's cached results; editing unrelated modules does not.
+    """
+    sources = [inspect.getsource(_TASKS_BY_NAME[task_name].fn)]
+    sources += [inspect.getsource(getattr(steps, f)) for f in sorted(_steps_closure(step, set()))]
+    digest = hashlib.sha256("\0".join(sources).encode())
+    for path in sorted(_module_files("\n".join(sources), set())):
+        digest.update(path.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def task_key(name: str, parameters: dict) -> str:
+    """Cache key of one task call: name + code hash + every (JSON) parameter, hashes included."""
+    code = code_hash(name, _STEP_OF[name])
+    blob = json.dumps({"task": name, "code": code, "params": parameters}, sort_keys=True, default=str)
+    return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:40]}"
+
+
+def _cache_key(context, parameters: dict) -> str:
+    """Prefect cache_key_fn: see `task_key`."""
+    return task_key(context.task.name, parameters)
+
+
+_CACHED = dict(cache_key_fn=_cache_key, persist_result=True, result_serializer="json")
+
+
+def _model_out(path) -> dict:
+    """What a model-producing task returns: its folder, content hash and block count."""
+    return {"path": str(path), "hash": steps.hash_path(path), "num_layers": steps.num_layers(path)}
+
+
+# ---------------------------------------------------------------- tasks (one library call each)
+
+@task(name="prepare-base", **_CACHED)
+def prepare_base(config: dict, source_hash: str | None, work_dir: str) -> dict:
+    """Load the base model (any spec) and save it as a local safetensors folder."""
+    return _model_out(steps.prepare_base(CompressConfig.from_dict(config), work_dir, source_hash))
+
+
+@task(name="prepare-data", **_CACHED)
+def prepare_data(config: dict, base_hash: str, base_dir: str, work_dir: str, budgets: list[int]) -> dict:
+    """Cut disjoint calibration / recovery / held-out token windows."""
+    path = steps.prepare_data(CompressConfig.from_dict(config), base_dir, work_dir, budgets)
+    return {"path": str(path), "hash": steps.hash_path(path)}
+
+
+@task(name="score", **_CACHED)
+def score(model_dir: str, model_hash: str, data_path: str, data_hash: str, scorer: str, n: int,
+          device: str) -> dict:
+    """Score every remaining block of the current model."""
+    return steps.score(model_dir, data_path, scorer, n, device)
+
+
+@task(name="prune", **_CACHED)
+def prune(model_dir: str, model_hash: str, remove: list[int], out_dir: str) -> dict:
+    """Save a copy of the model without the chosen blocks."""
+    return _model_out(steps.prune(model_dir, remove, out_dir))
+
+
+def _oom(task, task_run, state) -> bool:
+    """Retry only CUDA out-of-memory: memory a neighbouring job held may be free 10 s later."""
+    try:
+        state.result()
+    except Exception as e:  # torch.OutOfMemoryError is a RuntimeError; nothing else is retried
+        return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    return False
+
+
+@task(name="recover", retries=2, retry_delay_seconds=10, retry_condition_fn=_oom, **_CACHED)
+def recover(student_dir: str, student_hash: str, teacher_dir: str, teacher_hash: str, data_path: str,
+            data_hash: str, recovery: dict, removed: list[int], window_range: list[int], out_dir: str,
+            device: str) -> dict:
+    """Heal the pruned model by distillation from the teacher; save the result."""
+    result = steps.recover(student_dir, teacher_dir, data_path, recovery, removed, tuple(window_range),
+                           out_dir, device, progress=_loss_logger(recovery["tokens"]))
+    return {**_model_out(out_dir), "recovery": result}
+
+
+@task(name="evaluate", **_CACHED)
+def evaluate(model_dir: str, model_hash: str, tasks: str, limit: float | None, device: str, seed: int) -> dict:
+    """lm-eval metrics of a saved model ({} when no task is asked for)."""
+    return steps.evaluate(model_dir, tasks, limit, device, seed)
+
+
+@task(name="publish", **_CACHED)
+def publish(model_dir: str, model_hash: str, out_dir: str) -> dict:
+    """Copy the last checkpoint to DIR/final."""
+    return _model_out(steps.publish(model_dir, out_dir))
+
+
+_STEP_OF = {"prepare-base": "prepare_base", "prepare-data": "prepare_data", "score": "score", "prune": "prune",
+            "recover": "recover", "evaluate": "evaluate", "publish": "publish"}  # task -> steps function
+_TASKS_BY_NAME = {t.name: t for t in (prepare_base, prepare_data, score, prune, recover, evaluate, publish)}
+
+
+def _loss_logger(total_tokens: int):
+    """A recovery progress callback that logs about ten lines per phase."""
+    logger, every = get_run_logger(), max(1, total_tokens // 10)
+    seen = {"next": every}
+
+    def progress(info: dict) -> None:
+        if info["tokens"] >= seen["next"]:
+            seen["next"] += every
+            logger.info("recovery %d/%d tokens, loss %.4f, %.0f tok/s", info["tokens"], total_tokens,
+                        info["loss"], info["tokens_per_s"])
+    return progress
+
+
+# ---------------------------------------------------------------- job context
+
+@dataclass
+class Run:
+    """One job's config, options, folders, bound tasks and MLflow parent run."""
+
+    cfg: CompressConfig
+    opts: dict
+    out: Path
+    device: str
+    tasks: dict = field(default_factory=dict)
+    job: tracking.Job | None = None
+    progress_id: object = None
+
+    def call(self, name: str, **params) -> dict:
+        """Run a task; a cache hit whose output folder was deleted runs again."""
+        out = self.tasks[name](**params)
+        if isinstance(out, dict) and "path" in out and not Path(out["path"]).exists():
+            out = self.tasks[name].with_options(refresh_cache=True)(**params)
+        return out
+
+    def cached(self, name: str, params: dict) -> bool:
+        """Whether a result for these parameters is already stored (without running the task)."""
+        return (self.results_dir / task_key(self.tasks[name].name, params)).exists()
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(os.environ.get(RESULTS_ENV) or self.out / ".prefect-results")
+
+
+def _bind_tasks(results_dir: Path) -> dict:
+    """The tasks with result storage in `results_dir` (a saved LocalFileSystem block)."""
+    from prefect.filesystems import LocalFileSystem
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    block = LocalFileSystem(basepath=str(results_dir.resolve()))
+    # Prefect only accepts server-side blocks as task storage; one per results folder.
+    block.save(f"iterabre-results-{hashlib.sha256(str(results_dir.resolve()).encode()).hexdigest()[:12]}",
+               overwrite=True)
+    named = dict(prepare_base=prepare_base, prepare_data=prepare_data, score=score, prune=prune,
+                 recover=recover, evaluate=evaluate, publish=publish)
+    return {k: t.with_options(result_storage=block) for k, t in named.items()}
+
+
+def _start(params: dict) -> Run:
+    """Validate everything, connect to MLflow, open (or resume) the parent run; no compute yet."""
+    from iterabre.models import resolve_device
+    from prefect.runtime import flow_run
+
+    opts = {k: params.pop(k) for k in OPTION_DEFAULTS}
+    params["recovery"] = {**dataclasses.asdict(R), **(params.get("recovery") or {})}
+    cfg = steps.normalise_config(CompressConfig.from_dict(params))
+    steps.validate_config(cfg)
+    client = tracking.connect()
+    run = Run(cfg, opts, Path(cfg.output).resolve(), resolve_device(cfg.device))
+    run.tasks = _bind_tasks(run.results_dir)
+    run.job = tracking.start_job(client, cfg, {"options": opts}, flow_run.id)
+    return run
+
+
+# ---------------------------------------------------------------- the loop
+
+def iteration(run: Run, step: int, current: dict, base: dict, data: dict, k: int, window: list[int],
+              budget: int) -> tuple[dict, dict]:
+    """score -> prune -> recover (-> evaluate) for one step; returns (new model, step record)."""
+    cfg, step_dir = run.cfg, run.out / "steps" / f"step-{step:02d}"
+    n = k if cfg.scorer == "angular" else 1  # angular scores runs of k blocks; others single blocks
+    scored = run.call("score", model_dir=current["path"], model_hash=current["hash"], data_path=data["path"],
+                      data_hash=data["hash"], scorer=cfg.scorer, n=n, device=run.device)
+    remove = steps.plan_removal(scored["scores"], k, cfg.scorer, scored["order"])
+    pruned = run.tasks["prune"](model_dir=current["path"], model_hash=current["hash"], remove=remove,
+                                out_dir=str(run.out / "work" / f"step-{step:02d}-pruned"))
+    teacher = base if cfg.teacher == "base" else current
+    params = dict(student_dir=pruned["path"], student_hash=pruned["hash"], teacher_dir=teacher["path"],
+                  teacher_hash=teacher["hash"], data_path=data["path"], data_hash=data["hash"],
+                  recovery={**dataclasses.asdict(cfg.recovery), "tokens": budget}, removed=remove, window_range=window,
+                  out_dir=str(step_dir), device=run.device)
+    healed_before = run.cached("recover", params) and step_dir.exists()
+    if not healed_before and not Path(pruned["path"]).exists():
+        run.tasks["prune"].with_options(refresh_cache=True)(  # deleted after its recovery; needed again
+            model_dir=current["path"], model_hash=current["hash"], remove=remove, out_dir=pruned["path"])
+    healed = run.call("recover", **params)
+    if not run.opts["keep_pruned"]:
+        shutil.rmtree(pruned["path"], ignore_errors=True)
+    ev = _evaluate(run, healed) if run.opts["eval_every_step"] else {}
+    record = {"step": step, "removed": remove, "scores": scored["scores"], "num_layers": healed["num_layers"],
+              "recovery": healed["recovery"], "eval": ev, "checkpoint": healed["path"]}
+    return healed, record
+
+
+def _evaluate(run: Run, model: dict) -> dict:
+    """The evaluate task on a model produced by an earlier task."""
+    return run.call("evaluate", model_dir=model["path"], model_hash=model["hash"], tasks=run.cfg.eval_tasks,
+                    limit=run.cfg.eval_limit, device=run.device, seed=run.cfg.seed)
+
+
+@flow(name="iterabre", log_prints=True)
+def compress(model: str = D.model, revision: str | None = None, target_layers: int | None = None,
+             target_ratio: float | None = None, scorer: str = D.scorer, schedule: str = D.schedule,
+             blocks_per_step: int = D.blocks_per_step, teacher: str = D.teacher, calibration: str = D.calibration,
+             calibration_tokens: int = D.calibration_tokens, recovery_tokens: int = D.recovery_tokens,
+             budget_schedule: str = D.budget_schedule, seq_len: int = D.seq_len, seed: int = D.seed,
+             device: str = D.device, allow_remote_code: bool = False, allow_pickle: bool = False,
+             output: str = D.output, eval_tasks: str = D.eval_tasks, eval_limit: float | None = D.eval_limit,
+             recovery: dict | None = None, eval_every_step: bool = False, min_blimp_retained: float = 0.9,
+             max_ppl_ratio: float = 1.5, log_checkpoints: bool = True, keep_pruned: bool = False) -> dict:
+    """Remove decoder blocks from `model` until `target_layers` remain, healing after each step."""
+    run = _start(dict(locals()))
+    try:
+        return _loop(run)
+    except BaseException:
+        tracking.fail_job(run.job)
+        raise
+
+
+def _loop(run: Run) -> dict:
+    """The algorithm: base -> [score, prune, recover]* -> final -> report -> registry."""
+    cfg, out = run.cfg, run.out
+    source_hash = steps.hash_path(cfg.model) if Path(cfg.model).exists() else None
+    base = run.call("prepare_base", config=cfg.to_dict(), source_hash=source_hash, work_dir=str(out / "work"))
+    plan = steps.num_steps_for(cfg, base["num_layers"])  # blocks removed per step
+    budgets = steps.step_budgets(cfg.recovery_tokens, len(plan), cfg.budget_schedule)
+    data = run.call("prepare_data", config=cfg.to_dict(), base_hash=base["hash"], base_dir=base["path"],
+                    work_dir=str(out / "work"), budgets=budgets)
+    base_eval = _evaluate(run, base)
+    _progress(run, 0, len(plan))
+    current, records = base, []
+    for step, (k, window) in enumerate(zip(plan, steps.recovery_ranges(budgets, cfg.seq_len)), 1):
+        current, record = iteration(run, step, current, base, data, k, list(window), budgets[step - 1])
+        records.append(record)
+        tracking.log_step(run.job, record, record["checkpoint"] if run.opts["log_checkpoints"] else None)
+        _progress(run, step, len(plan), records)
+    final = run.call("publish", model_dir=current["path"], model_hash=current["hash"], out_dir=str(out / "final"))
+    report = _report(run, base, final, base_eval, _evaluate(run, final), records)
+    return _finish(run, report, final)
+
+
+def _progress(run: Run, done: int, total: int, records: list | None = None) -> None:
+    """Loop progress and the per-step table, as Prefect UI artifacts."""
+    if run.progress_id is None:
+        run.progress_id = create_progress_artifact(progress=0.0, key="iterabre-progress",
+                                                   description=f"blocks removed from {run.cfg.model}")
+    update_progress_artifact(run.progress_id, progress=100.0 * done / max(total, 1))
+    if records:
+        rows = [{"step": r["step"], "removed": ",".join(map(str, r["removed"])), "num_layers": r["num_layers"],
+                 "loss_before": r["recovery"].get("loss_before"), "loss_after": r["recovery"].get("loss_after"),
+                 "tokens": r["recovery"].get("tokens")} for r in records]
+        create_table_artifact(rows, key="iterabre-steps", description="IteRABRe iterations")
+
+
+def _report(run: Run, base: dict, final: dict, base_eval: dict, final_eval: dict, records: list) -> dict:
+    """report.json content (see docs/PIPELINE.md)."""
+    from iterabre.data import data_version
+
+    try:
+        version = data_version()
+    except Exception as e:  # reports must not fail on a missing data.dvc
+        version = {"md5": "unknown", "dirty": None, "error": str(e)}
+    alias, reasons = steps.promotion(base_eval, final_eval, run.opts["min_blimp_retained"],
+                                     run.opts["max_ppl_ratio"])
+    return {"base_model": run.cfg.model, "base_num_layers": base["num_layers"],
+            "final_num_layers": final["num_layers"], "removed_layers": [i for r in records for i in r["removed"]],
+            "config": run.cfg.to_dict(), "data_version": version, "base_eval": base_eval,
+            "final_eval": final_eval, "steps": records, "final_dir": final["path"],
+            "promotion": {"alias": alias, "reasons": reasons}, "mlflow_run_id": run.job.run_id}
+
+
+def _finish(run: Run, report: dict, final: dict) -> dict:
+    """Write report.json/.md + plots, register the final model, close the parent run."""
+    from iterabre.evaluation.report import write_report
+
+    tracking.log_evals(run.job, report["base_eval"], report["final_eval"])
+    promo = report["promotion"]
+    report["registry"] = tracking.register_final(run.job, run.cfg.model, final["path"], promo["alias"],
+                                                 promo["reasons"])
+    files = [steps.write_json(report, run.out / "report.json"), *write_report(report, run.out)]
+    tracking.finish_job(run.job, [str(p) for p in files])
+    get_run_logger().info("final model %s (%d blocks) registered as %s", final["path"], final["num_layers"],
+                          report["registry"]["uri"])
+    return report
+
+
+# ---------------------------------------------------------------- entry points
+
+def flow_parameters(cfg: CompressConfig, **options) -> dict:
+    """The flow's keyword arguments for a CompressConfig (+ optional flow options)."""
+    unknown = set(options) - set(OPTION_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown flow options {sorted(unknown)}")
+    return {**cfg.to_dict(), **options}
+
+
+def _metric_lines(report: dict) -> list[str]:
+    """'task/metric: base -> final' for every metric both evaluations have."""
+    base, final = report["base_eval"], report["final_eval"]
+    return [f"  {t}/{m}: {v:.4g} -> {final[t][m]:.4g}" for t, row in base.items() for m, v in row.items()
+            if not m.endswith("_stderr") and m in final.get(t, {})]
+
+
+def run_from_cli(cfg: CompressConfig, **options) -> dict:
+    """Run the flow in this process (Prefect's ephemeral API) and print where everything is."""
+    report = compress(**flow_parameters(cfg, **options))
+    out = Path(cfg.output).resolve()
+    print(f"\nremoved blocks {report['removed_layers']}: {report['base_num_layers']} -> "
+          f"{report['final_num_layers']} blocks")
+    print("\n".join(_metric_lines(report)) or "  (no evaluation tasks)")
+    print(f"final model: {out / 'final'}\nreport:      {out / 'report.md'}")
+    print(f"registry:    {report['registry']['uri']} (version {report['registry']['version']})")
+    print(f"MLflow UI:   mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    return report

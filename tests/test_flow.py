@@ -1,0 +1,163 @@
+"""The `iterabre` Prefect flow end to end on a tiny model: outputs, MLflow lineage, registry, caching."""
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows import tracking
+from flows.compress import OPTION_DEFAULTS, compress, run_from_cli
+from iterabre import steps
+from iterabre.config import CompressConfig, RecoveryConfig
+from iterabre.errors import IterabreError
+
+
+def tiny_config(model_dir, output, **kw) -> CompressConfig:
+    """6 -> 4 blocks in two steps, a few hundred tokens each; no evaluation unless asked."""
+    base = dict(model=str(model_dir), target_layers=4, calibration_tokens=128, recovery_tokens=256, seq_len=32,
+                eval_tasks="", device="cpu", output=str(output),
+                recovery=RecoveryConfig(batch_size=4, lr=1e-3))
+    return CompressConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def job(tiny_model_dir, tmp_path_factory):
+    """One finished job (with a small wikitext evaluation and permissive gates) and its report."""
+    cfg = tiny_config(tiny_model_dir, tmp_path_factory.mktemp("job") / "out", eval_tasks="wikitext",
+                      eval_limit=2)
+    report = run_from_cli(cfg, max_ppl_ratio=1e9, min_blimp_retained=0.0)
+    return cfg, report
+
+
+def _client() -> MlflowClient:
+    return tracking.connect()
+
+
+def test_output_layout_and_report(job):
+    cfg, report = job
+    out = Path(cfg.output)
+    assert (out / "final" / "model.safetensors").exists() and (out / "final" / "tokenizer.json").exists()
+    assert sorted(p.name for p in (out / "steps").iterdir()) == ["step-01", "step-02"]
+    assert not list(out.rglob("*.tmp-*"))  # every write went through a temp path
+    assert not list((out / "work").glob("*-pruned"))  # pruned intermediates are dropped after recovery
+    on_disk = json.loads((out / "report.json").read_text())
+    for key in ("base_model", "base_num_layers", "final_num_layers", "removed_layers", "config",
+                "data_version", "base_eval", "final_eval", "steps"):
+        assert key in on_disk
+    assert on_disk["base_num_layers"] == 6 and on_disk["final_num_layers"] == 4
+    assert on_disk["removed_layers"] == [i for s in on_disk["steps"] for i in s["removed"]]
+    assert len(set(on_disk["removed_layers"])) == 2
+    assert on_disk["final_eval"]["wikitext"]["word_perplexity"] > 0
+    assert (out / "report.md").exists()
+    step = on_disk["steps"][0]
+    assert len(step["scores"]) == 6 and step["num_layers"] == 5 and step["recovery"]["tokens"] >= 128
+
+
+def test_final_model_keeps_original_block_numbers(job):
+    from transformers import AutoConfig
+
+    cfg, report = job
+    config = AutoConfig.from_pretrained(Path(cfg.output) / "final")
+    assert config.num_hidden_layers == 4
+    assert config.iterabre_original_layers == [i for i in range(6) if i not in report["removed_layers"]]
+
+
+def test_mlflow_parent_and_child_runs(job):
+    cfg, report = job
+    client = _client()
+    parent = client.get_run(report["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    tags = parent.data.tags
+    assert tags[tracking.TAG_MODEL] == cfg.model and tags[tracking.TAG_REVISION] == "none"
+    assert tags[tracking.TAG_FINGERPRINT] == steps.normalise_config(cfg).fingerprint()  # eval_limit 2 -> 2.0
+    assert tags["git.commit"] and tags["data.md5"] and tags["data.dirty"] in ("true", "false", "unknown")
+    assert tags["prefect.flow_run_id"] != "none"
+    assert parent.data.params["recovery.lr"] == "0.001" and parent.data.params["target_layers"] == "4"
+    assert "final/wikitext/word_perplexity" in parent.data.metrics
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                                  order_by=["tags.`iterabre.step` ASC"])
+    assert [c.data.tags[tracking.TAG_STEP] for c in children] == ["1", "2"]
+    first = children[0]
+    assert first.data.params["removed"] == str(report["steps"][0]["removed"][0])
+    assert {f"score/block_{i}" for i in range(6)} <= set(first.data.metrics)
+    curve = client.get_metric_history(first.info.run_id, "recovery/loss")
+    assert len(curve) == len(report["steps"][0]["recovery"]["losses"]) >= 1
+    assert "checkpoint/model.safetensors" in [a.path for a in client.list_artifacts(first.info.run_id, "checkpoint")]
+
+
+def test_registered_version_resolves_offline(job):
+    import mlflow
+    from transformers import AutoModelForCausalLM
+
+    cfg, report = job
+    reg = report["registry"]
+    assert reg["name"] == tracking.registered_name(cfg.model) and reg["alias"] == "champion"
+    version = _client().get_model_version_by_alias(reg["name"], "champion")
+    assert version.run_id == report["mlflow_run_id"] and int(version.version) == reg["version"]
+    local = mlflow.artifacts.download_artifacts(f"models:/{reg['name']}@champion")
+    model = AutoModelForCausalLM.from_pretrained(local)
+    assert model.config.num_hidden_layers == 4
+
+
+def test_failing_gate_gives_challenger():
+    assert steps.promotion({"wikitext": {"word_perplexity": 10.0}}, {"wikitext": {"word_perplexity": 30.0}},
+                           0.9, 1.5)[0] == "challenger"
+
+
+def test_identical_rerun_is_all_cache_hits(job, monkeypatch, caplog):
+    cfg, report = job
+    out = Path(cfg.output)
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "steps").rglob("*") if p.is_file()}
+
+    def boom(*a, **k):
+        raise AssertionError("a cached step was recomputed")
+    for name in ("prepare_base", "prepare_data", "score", "prune", "recover", "evaluate", "publish"):
+        monkeypatch.setattr(steps, name, boom)
+    again = run_from_cli(cfg, max_ppl_ratio=1e9, min_blimp_retained=0.0)
+    assert again["removed_layers"] == report["removed_layers"]
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    cached = [r for r in caplog.records if r.name == "prefect.task_runs" and "state Cached" in r.getMessage()]
+    assert len(cached) == 11  # base, data, eval, 2 x (score, prune, recover), publish, eval
+
+
+def test_one_shot_removes_everything_in_one_step(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "out", schedule="one-shot", target_layers=3)
+    report = run_from_cli(cfg)
+    assert len(report["steps"]) == 1 and len(report["steps"][0]["removed"]) == 3
+    assert report["final_num_layers"] == 3 and report["steps"][0]["recovery"]["tokens"] >= 256
+    assert report["registry"]["alias"] == "challenger"  # nothing evaluated: never champion
+
+
+def test_flow_parameters_mirror_compress_config():
+    params = inspect.signature(compress.fn).parameters
+    fields = CompressConfig().to_dict()
+    assert set(params) == set(fields) | set(OPTION_DEFAULTS)
+    for name, value in fields.items():
+        if name != "recovery":
+            assert params[name].default == value, name
+    for name, value in OPTION_DEFAULTS.items():
+        assert params[name].default == value, name
+
+
+def test_bad_config_fails_before_any_compute(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(steps, "prepare_base", lambda *a, **k: pytest.fail("compute started"))
+    with pytest.raises(IterabreError, match="scorer"):
+        run_from_cli(tiny_config(tiny_model_dir, tmp_path / "out", scorer="nope"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_tracking_store_fails_early(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    monkeypatch.setattr(steps, "prepare_base", lambda *a, **k: pytest.fail("compute started"))
+    with pytest.raises(IterabreError, match="unreachable"):
+        run_from_cli(tiny_config(tiny_model_dir, tmp_path / "out"))
+
+
+def test_registered_name_is_sanitised():
+    assert tracking.registered_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "iterabre-smollm2-135m-instruct"
+    assert tracking.registered_name("/models/x/SmolLM2-135M.Q4_1.gguf") == "iterabre-smollm2-135m-q4-1"
+    assert tracking.registered_name("smollm2-135m") == "iterabre-smollm2-135m"
