@@ -1,0 +1,61 @@
+"""`iterabre evaluate`: load a model spec, evaluate it, write JSON, print a small table."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from iterabre.evaluation.harness import DEFAULT_TASKS, evaluate, parse_tasks
+from iterabre.evaluation.report import atomic_write
+
+# Metrics shown in the terminal table; everything lm-eval returns still goes to the JSON.
+_SHOWN = ("word_perplexity", "bits_per_byte", "acc")
+
+
+def run_evaluate(model_spec: str, tasks: str | list[str] = DEFAULT_TASKS, limit: float | int | None = None,
+                 output: str | os.PathLike | None = None, batch_size: int = 8, device: str = "cpu") -> dict:
+    """Evaluate `model_spec` (embedded name, folder, .gguf or hub id); returns and writes the record.
+
+    Record: {"model", "tasks", "limit", "batch_size", "device", "num_layers", "seconds",
+    "results": {task: {metric: value}}}. `output` is a .json file, or a folder that gets
+    results.json.
+    """
+    from iterabre.models import load_model, resolve_device
+
+    names, device = parse_tasks(tasks), resolve_device(device)
+    model, tokenizer = load_model(model_spec, device=device)  # raises IterabreError naming the model
+    start = time.perf_counter()
+    results = evaluate(model, tokenizer, names, limit=limit, batch_size=batch_size, device=device)
+    record = {"model": str(model_spec), "tasks": names, "limit": limit, "batch_size": batch_size,
+              "device": device, "num_layers": model.config.num_hidden_layers,
+              "seconds": round(time.perf_counter() - start, 1), "results": results}
+    if output is not None:
+        atomic_write(results_path(output), json.dumps(record, indent=2).encode())
+    print_results(results, names)
+    return record
+
+
+def results_path(output: str | os.PathLike) -> Path:
+    """`output` itself when it names a .json file, else `output`/results.json."""
+    path = Path(output)
+    return path if path.suffix == ".json" else path / "results.json"
+
+
+def _cell(metrics: dict[str, float], name: str) -> str:
+    """'0.712 ± 0.014' or '23.41' (perplexities have no stderr)."""
+    value, stderr = metrics[name], metrics.get(f"{name}_stderr")
+    return f"{value:.4g} ± {stderr:.2g}" if stderr is not None else f"{value:.4g}"
+
+
+def print_results(results: dict[str, dict[str, float]], names: list[str]) -> None:
+    """Rich table of the requested tasks only (subtasks are in the JSON)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("task", "metric", "value")
+    for task in names:
+        for metric in (m for m in _SHOWN if m in results.get(task, {})):
+            table.add_row(task, metric, _cell(results[task], metric))
+    Console().print(table)

@@ -1,0 +1,100 @@
+"""Compression report: Markdown tables, retained percentages, importance grid and PNGs."""
+
+import math
+
+import matplotlib.image
+import pytest
+
+from iterabre.evaluation.report import importance_matrix, retained, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _eval(ppl, blimp, xcopa):
+    return {"wikitext": {"word_perplexity": ppl, "byte_perplexity": 1.9, "bits_per_byte": 0.93},
+            "blimp": {"acc": blimp, "acc_stderr": 0.01}, "xcopa": {"acc": xcopa, "acc_stderr": 0.02},
+            "blimp_causative": {"acc": 0.9, "acc_stderr": 0.03}}
+
+
+@pytest.fixture(scope="module")
+def report():
+    """6 blocks -> 3: step 1 removes block 4 (evaluated), step 2 removes 2 and 1 (not evaluated)."""
+    return {
+        "base_model": "tiny", "base_num_layers": 6, "final_num_layers": 3, "removed_layers": [4, 2, 1],
+        "config": {}, "data_version": {"md5": "d41d8cd9", "dirty": False},
+        "base_eval": _eval(20.0, 0.80, 0.56), "final_eval": _eval(40.0, 0.70, 0.49),
+        "steps": [
+            {"step": 1, "removed": [4], "num_layers": 5, "scores": {str(i): float(10 - i) for i in range(6)} | {"4": 0.5},
+             "recovery": {"loss_before": 1.5, "loss_after": 0.75, "tokens": 4096, "seconds": 3.2},
+             "eval": _eval(25.0, 0.76, 0.52)},
+            {"step": 2, "removed": [2, 1], "num_layers": 3, "scores": {0: 3.0, 1: 1.0, 2: 1.0, 3: 2.0, 5: 9.0},
+             "recovery": {"loss_before": 2.0, "loss_after": 0.9, "tokens": 4096, "seconds": 3.0}},
+        ],
+    }
+
+
+def _tables(markdown: str) -> list[list[list[str]]]:
+    """Every Markdown table as a list of rows of cells (header first, separator dropped)."""
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            if not line.startswith("|---"):
+                current.append([c.strip() for c in line.strip("|").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+@pytest.fixture(scope="module")
+def written(report, tmp_path_factory) -> list:
+    """write_report's paths for `report` (rendered once: plotting costs seconds on 2 cores)."""
+    return write_report(report, tmp_path_factory.mktemp("report") / "out")
+
+
+def test_report_files_and_tables(written):
+    paths = written
+    assert [p.name for p in paths] == ["report.md", "importance.png", "metrics.png"]
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == sorted(p.name for p in paths)  # no temp files
+    metrics, steps = _tables(paths[0].read_text())
+    header, rows = metrics[0], {r[0]: dict(zip(metrics[0], r)) for r in metrics[1:]}
+    assert list(rows) == ["base", "step 1", "final"]  # step 2 has no eval
+    assert "wikitext ppl" in header and "blimp acc" in header and "xcopa acc" in header
+    assert rows["step 1"]["blocks removed"] == "1" and rows["final"]["blocks"] == "3"
+    assert rows["final"]["wikitext retained %"] == "50.0"  # base ppl 20 / final ppl 40
+    assert rows["final"]["blimp retained %"] == "87.5"  # 0.70 / 0.80
+    assert rows["base"]["xcopa retained %"] == "100.0"
+    assert rows["step 1"]["blimp acc"] == "0.7600 ± 0.0100"
+    assert [r[1] for r in steps[1:]] == ["4", "2, 1"]
+    assert steps[1][3:5] == ["1.5000", "0.7500"]
+
+
+def test_plots_are_valid_pngs(written):
+    _, importance, metrics = written
+    for path in (importance, metrics):
+        assert path.read_bytes()[:8] == PNG_MAGIC
+        height, width, _channels = matplotlib.image.imread(path).shape
+        assert height > 100 and width > 100
+
+
+def test_importance_grid_marks_missing_blocks(report):
+    grid = importance_matrix(report)
+    assert grid.shape == (2, 6)
+    assert not any(math.isnan(v) for v in grid[0])
+    assert math.isnan(grid[1, 4]) and not math.isnan(grid[1, 5])  # block 4 gone after step 1
+    assert grid[0, 4] == 0.0 and grid[0, 0] == 1.0  # removed block was the least important
+    assert grid[1].tolist()[1] == grid[1].tolist()[2] == 0.0 and grid[1, 5] == 1.0
+
+
+def test_report_without_evaluations(report, tmp_path):
+    report = {**report, "base_eval": None, "final_eval": {}, "steps": [{**s, "eval": None} for s in report["steps"]]}
+    paths = write_report(report, tmp_path)
+    metrics, steps = _tables(paths[0].read_text())
+    assert metrics == [["model", "blocks removed", "blocks"]] and len(steps) == 3
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths[1:])
+
+
+def test_retained():
+    assert retained(0.4, 0.8, True) == 50.0
+    assert retained(40.0, 20.0, False) == 50.0
+    assert retained(None, 0.8, True) is None and retained(0.5, None, True) is None
