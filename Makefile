@@ -49,7 +49,7 @@ $(MODEL_STAMP): | $(STAMP)
 	$(BIN)/iterabre models pull smollm2-135m
 
 DEMO_ARGS ?= --model smollm2-135m --target-layers 27 --recovery-tokens 6144 \
-	--calibration-tokens 1024 --eval-limit 20 --output outputs/demo
+	--calibration-tokens 1024 --eval-limit 0.02 --output outputs/demo
 
 demo: setup
 	$(BIN)/iterabre compress $(DEMO_ARGS)

@@ -1,0 +1,203 @@
+"""Recovery throughput: `iterabre.recovery.recover` (KD, all weights) vs a plain HF `Trainer` loop.
+
+Same student (SmolLM2 without blocks 20-25), same frozen 30-block teacher, same wikitext
+windows, batch size, sequence length, optimizer steps, lr schedule and clipping. The
+baseline is what a user would write by hand: a `Trainer` subclass whose `compute_loss`
+runs the teacher under no_grad and returns the forward KL over non-padding tokens.
+Runs alternate (A B B A ...) on fresh student copies; tokens/s is the median.
+Peak memory: max RSS of each variant in its own fresh process.
+
+    .venv/bin/python bench/recovery.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+REMOVED = [20, 21, 22, 23, 24, 25]
+VARIANTS = ("iterabre", "hf_trainer")
+LR = 5e-5
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(p)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--no-memory", action="store_true", help="skip the child-process memory runs")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # variant name: memory probe
+    return p.parse_args()
+
+
+def sizes(quick: bool) -> dict:
+    """Batch, sequence length, optimizer steps and repeats."""
+    if quick:
+        return dict(batch_size=2, seq_len=64, steps=2, repeats=1)
+    return dict(batch_size=4, seq_len=128, steps=8, repeats=3)
+
+
+def setup(size: dict):
+    """(teacher, pruned student template, windows [N,T]) on CPU."""
+    from iterabre.data import load_documents, token_windows
+    from iterabre.models import load_model
+    from iterabre.surgery import remove_blocks
+
+    teacher, tokenizer = load_model("smollm2-135m")
+    student = remove_blocks(copy.deepcopy(teacher), REMOVED)
+    n = size["batch_size"] * size["steps"]
+    ids = token_windows(tokenizer, load_documents("wikitext", "valid")[:40], size["seq_len"])[:n]
+    return teacher, student, ids
+
+
+def run_iterabre(teacher, template, ids, size: dict) -> dict:
+    """One recover() call on a fresh student copy; returns seconds and tokens."""
+    import torch
+
+    from iterabre.config import RecoveryConfig
+    from iterabre.recovery import recover
+
+    student = copy.deepcopy(template)
+    cfg = RecoveryConfig(method="kd", trainable="all", tokens=ids.numel(), batch_size=size["batch_size"],
+                         lr=LR, lr_schedule="cosine", max_loss_ratio=None)
+    start = time.perf_counter()
+    res = recover(student, teacher, ids, torch.ones_like(ids), cfg, removed=REMOVED)
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "train_s": res.tokens / res.tokens_per_s, "tokens": res.tokens,
+            "steps": res.steps, "final_loss": res.losses[-1][1] if res.losses else None}
+
+
+def kd_trainer_class():
+    """A Trainer whose loss is forward KL(teacher || student) over non-padding tokens."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import Trainer
+
+    class KDTrainer(Trainer):
+        """Plain distillation: frozen teacher forward under no_grad, student forward, KL."""
+
+        def __init__(self, *args, teacher=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """Mean over non-padding tokens of KL(teacher || student)."""
+            with torch.no_grad():
+                t_logits = self.teacher(**inputs, use_cache=False).logits  # [B,T,V]
+            out = model(**inputs, use_cache=False)
+            keep = inputs["attention_mask"].bool()
+            log_q = F.log_softmax(out.logits[keep].float(), dim=-1)  # [N,V] student
+            log_p = F.log_softmax(t_logits[keep].float(), dim=-1)  # [N,V] teacher
+            loss = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+            return (loss, out) if return_outputs else loss
+
+    return KDTrainer
+
+
+def run_trainer(teacher, template, ids, size: dict) -> dict:
+    """One Trainer.train() on a fresh student copy with the same steps, lr schedule and clipping."""
+    import torch
+    from transformers import TrainingArguments
+
+    student = copy.deepcopy(template).train()
+    teacher.eval().requires_grad_(False)
+    data = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=size["batch_size"], max_steps=size["steps"],
+            learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=round(0.05 * size["steps"]),
+            weight_decay=0.0, max_grad_norm=1.0, save_strategy="no", logging_strategy="no",
+            report_to="none", use_cpu=True, disable_tqdm=True, remove_unused_columns=False, seed=0)
+        trainer = kd_trainer_class()(model=student, args=args, train_dataset=data, teacher=teacher)
+        start = time.perf_counter()
+        metrics = trainer.train().metrics
+        wall = time.perf_counter() - start
+    tokens = size["steps"] * size["batch_size"] * size["seq_len"]
+    return {"wall_s": wall, "train_s": wall, "tokens": tokens, "steps": size["steps"],
+            "final_loss": metrics.get("train_loss")}
+
+
+RUNNERS = {"iterabre": run_iterabre, "hf_trainer": run_trainer}
+
+
+def compare(args) -> dict:
+    """Alternate the two variants; collect per-run results."""
+    size = sizes(args.quick)
+    if args.repeats:
+        size["repeats"] = args.repeats
+    teacher, template, ids = setup(size)
+    runs = {v: [] for v in VARIANTS}
+    for r in range(size["repeats"] + 1):  # round 0 is the warm-up and is not counted
+        for v in VARIANTS if r % 2 == 0 else reversed(VARIANTS):
+            result = RUNNERS[v](teacher, template, ids, size)
+            if r > 0:
+                runs[v].append(result)
+    return {"sizes": size, "runs": runs, "summary": summarise(runs)}
+
+
+def summarise(runs: dict) -> dict:
+    """Median tokens/s per variant (train loop and whole call); iterabre/Trainer as a paired median."""
+    out = {}
+    for v, rs in runs.items():
+        out[v] = {"tokens": rs[0]["tokens"],
+                  "train_tokens_per_s": common.median([r["tokens"] / r["train_s"] for r in rs]),
+                  "call_tokens_per_s": common.median([r["tokens"] / r["wall_s"] for r in rs])}
+    for key, field in (("train_tokens_per_s", "train_s"), ("call_tokens_per_s", "wall_s")):
+        # tokens/s ratio = Trainer time / iterabre time (same token count in both)
+        stats = common.ratio_stats([r[field] for r in runs["hf_trainer"]], [r[field] for r in runs["iterabre"]])
+        out[f"ratio_{key}"], out[f"ratio_{key}_stats"] = stats["paired"], stats
+    return out
+
+
+def child(variant: str, args) -> None:
+    """Memory probe: set up, reset the peak-RSS mark, run one variant once, read the peak."""
+    size = sizes(args.quick)
+    teacher, template, ids = setup(size)
+    loaded = common.max_rss_mb()
+    before = common.reset_peak_rss()  # the peak below is then the training run's own
+    RUNNERS[variant](teacher, template, ids, size)
+    common.emit_child_result({"load_peak_mb": loaded, "setup_mb": before, "peak_mb": common.max_rss_mb()})
+
+
+def memory(args) -> dict:
+    """Peak RSS of each variant in a fresh process."""
+    extra = (["--quick"] if args.quick else []) + (["--threads", str(args.threads)] if args.threads else [])
+    out = {}
+    for v in VARIANTS:
+        r = common.run_child(Path(__file__), ["--child", v, *extra])
+        out[v] = {**r, "training_mb": r["peak_mb"] - r["setup_mb"]}
+    return out
+
+
+def main() -> None:
+    """Compare, measure memory, print, save."""
+    args = parse_args()
+    common.apply_threads(args.threads)
+    if args.child:
+        return child(args.child, args)
+    result = compare(args)
+    if not args.no_memory:
+        result["memory"] = memory(args)
+    s, mem = result["summary"], result.get("memory", {})
+    rows = [[v, s[v]["tokens"], s[v]["train_tokens_per_s"], s[v]["call_tokens_per_s"],
+             mem.get(v, {}).get("peak_mb"), mem.get(v, {}).get("training_mb")] for v in VARIANTS]
+    rows.append(["iterabre / trainer", None, s["ratio_train_tokens_per_s"], s["ratio_call_tokens_per_s"], None, None])
+    size = result["sizes"]
+    common.print_table(f"KD recovery, SmolLM2 24-block student, batch {size['batch_size']} x {size['seq_len']}, "
+                       f"{size['steps']} steps, {size['repeats']} repeats",
+                       ["variant", "tokens/run", "train tok/s", "whole-call tok/s", "peak RSS MiB",
+                        "+MiB in training"], rows)
+    path = common.write_json("recovery", {"machine": common.machine_info(), "quick": args.quick,
+                                          "removed": REMOVED, "lr": LR, "target": "iterabre >= Trainer tokens/s",
+                                          **result})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

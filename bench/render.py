@@ -1,0 +1,107 @@
+"""Print the latest bench/results/*.json as Markdown tables, for pasting into docs/BENCHMARKS.md.
+
+    .venv/bin/python bench/render.py [scoring recovery pruned_speed overhead quality]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import common
+
+
+def md(columns: list[str], rows: list[list]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(common.fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_line(m: dict) -> str:
+    """One line saying where and when the numbers were taken."""
+    load = m.get("load_avg_1m") or {"start": m.get("load_avg_1m_at_start"), "end": "?"}
+    return (f"_{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} thread(s)), "
+            f"transformers {m['transformers']}, {m['date']}, commit {m['git']['commit'][:8]}"
+            f"{' + uncommitted changes' if m['git']['dirty'] else ''}, load average {load.get('start')} -> "
+            f"{load.get('end')}_")
+
+
+def scoring(d: dict) -> str:
+    """fast vs naive scorer table."""
+    rows = []
+    for model, r in d["results"].items():
+        mem = r.get("memory", {})
+        rows.append([model, r["num_blocks"], f"{r['sizes']['windows']}x{r['sizes']['seq_len']}",
+                     r["median_s"]["fast"], r["median_s"]["naive"], r["ratio_fast_over_naive"],
+                     r["ratio_stats"]["best"] if "ratio_stats" in r else None, r["max_abs_score_diff"],
+                     mem.get("fast", {}).get("peak_mb"), mem.get("naive", {}).get("peak_mb"),
+                     mem.get("fast", {}).get("scoring_mb"), mem.get("naive", {}).get("scoring_mb")])
+    return md(["model", "blocks", "tokens", "fast s (median)", "naive s (median)", "fast/naive (paired median)",
+               "fast/naive (min t)", "max abs score diff", "fast peak RSS MiB", "naive peak RSS MiB",
+               "fast +MiB", "naive +MiB"], rows)
+
+
+def recovery(d: dict) -> str:
+    """recover() vs Trainer table."""
+    s, mem = d["summary"], d.get("memory", {})
+    rows = [[v, s[v]["tokens"], s[v]["train_tokens_per_s"], s[v]["call_tokens_per_s"],
+             mem.get(v, {}).get("peak_mb"), mem.get(v, {}).get("training_mb")] for v in ("iterabre", "hf_trainer")]
+    rows.append(["iterabre / Trainer", None, s["ratio_train_tokens_per_s"], s["ratio_call_tokens_per_s"], None, None])
+    return md(["variant", "tokens per run", "train-loop tok/s", "whole-call tok/s", "peak RSS MiB",
+               "+MiB while training"], rows)
+
+
+def pruned_speed(d: dict) -> str:
+    """24 vs 30 block speed table."""
+    rows = [[k, r["base_tokens_per_s"], r["pruned_tokens_per_s"], r["speedup"], r["speedup_stats"]["best"]
+             if "speedup_stats" in r else None, d["block_ideal"], r["fraction_of_block_ideal"], d["matmul_ideal"],
+             r["fraction_of_matmul_ideal"]] for k, r in d["results"].items()]
+    return md(["pass", "30-block tok/s", "24-block tok/s", "speed-up (paired median)", "speed-up (min t)",
+               "ideal 30/24", "fraction of ideal", "matmul ideal", "fraction of matmul ideal"], rows)
+
+
+def overhead(d: dict) -> str:
+    """flow vs plain loop table."""
+    m = d["median_s"]
+    return md(["what", "seconds"], [["plain loop of iterabre.steps (median)", m["plain"]],
+                                    ["Prefect + MLflow flow (median)", m["flow"]],
+                                    ["overhead per job", d["overhead_s"]], ["overhead %", d["overhead_pct"]],
+                                    ["one-off: ephemeral Prefect server start", d["server_start_s"]],
+                                    ["one-off: importing prefect + mlflow + the flow", d["imports_s"]]])
+
+
+def quality(d: dict) -> str:
+    """The quality table plus per-language XCOPA."""
+    from quality import XCOPA_LANGS, _pm
+
+    rows, langs = [], []
+    for uid, u in d["units"].items():
+        rows.append([uid, len(u["removed"]), u.get("recovery_tokens", 0), u["wikitext_word_ppl"],
+                     _pm(u["blimp_acc"], u["blimp_stderr"]), _pm(u["xcopa_acc"], u["xcopa_stderr"]), u["avg_acc"],
+                     " ".join(map(str, u["removed"])), u["seconds"] / 60])
+        langs.append([uid] + [_pm(*u["xcopa_langs"][x]) if x in u["xcopa_langs"] else "" for x in XCOPA_LANGS])
+    main = md(["method", "blocks removed", "KD tokens", "wikitext word ppl", "BLiMP acc", "XCOPA acc",
+               "avg acc", "removed (original idx)", "minutes"], rows)
+    return main + "\n\nXCOPA per language:\n\n" + md(["method", *XCOPA_LANGS], langs)
+
+
+RENDER = {"scoring": scoring, "recovery": recovery, "pruned_speed": pruned_speed, "overhead": overhead,
+          "quality": quality}
+
+
+def main() -> None:
+    """Render the named result files (default: all that exist)."""
+    for name in sys.argv[1:] or list(RENDER):
+        path = common.RESULTS / f"{name}.json"
+        if not path.exists():
+            print(f"## {name}\n\n(no results yet)\n")
+            continue
+        data = json.loads(path.read_text())
+        kind = "quality" if name.startswith("quality") else name
+        print(f"## {name}{' (quick)' if data.get('quick') else ''}\n\n{machine_line(data['machine'])}\n")
+        print(RENDER[kind](data) + "\n")
+
+
+if __name__ == "__main__":
+    main()
