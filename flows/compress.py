@@ -120,7 +120,7 @@ def prepare_base(config: dict, source_hash: str | None, work_dir: str) -> dict:
 def prepare_data(config: dict, base_hash: str, base_dir: str, work_dir: str, budgets: list[int]) -> dict:
     """Cut disjoint calibration / recovery / held-out token windows."""
     path = steps.prepare_data(CompressConfig.from_dict(config), base_dir, work_dir, budgets)
-    return {"path": str(path), "hash": steps.hash_path(path)}
+    return {"path": str(path), "hash": steps.hash_path(path), "split": steps.data_layout(path)}
 
 
 @task(name="score", **_CACHED)
@@ -148,10 +148,11 @@ def _oom(task, task_run, state) -> bool:
 @task(name="recover", retries=2, retry_delay_seconds=10, retry_condition_fn=_oom, **_CACHED)
 def recover(student_dir: str, student_hash: str, teacher_dir: str, teacher_hash: str, data_path: str,
             data_hash: str, recovery: dict, removed: list[int], window_range: list[int], out_dir: str,
-            device: str) -> dict:
+            device: str, extra_range: list[int] | None = None) -> dict:
     """Heal the pruned model by distillation from the teacher; save the result."""
     result = steps.recover(student_dir, teacher_dir, data_path, recovery, removed, tuple(window_range),
-                           out_dir, device, progress=_loss_logger(recovery["tokens"]))
+                           out_dir, device, progress=_loss_logger(recovery["tokens"]),
+                           extra_range=tuple(extra_range) if extra_range else None)
     return {**_model_out(out_dir), "recovery": result}
 
 
@@ -247,9 +248,23 @@ def _start(params: dict) -> Run:
 
 # ---------------------------------------------------------------- the loop
 
+def _teacher(run: Run, base: dict, current: dict) -> dict:
+    """Whom a step distils from: the base model, or the model before this step's removal."""
+    return base if run.cfg.teacher == "base" else current
+
+
+def _recovery_fields(run: Run, teacher: dict, budget: int, data: dict, windows: list) -> dict:
+    """What a step record says about its recovery inputs: teacher, budget and windows used."""
+    return {"teacher": run.cfg.teacher, "teacher_layers": teacher["num_layers"], "budget": budget,
+            "recovery_windows": [steps.global_windows(data["split"], w) for w in windows if w]}
+
+
 def iteration(run: Run, step: int, current: dict, base: dict, data: dict, k: int, window: list[int],
-              budget: int) -> tuple[dict, dict]:
-    """score -> prune -> recover (-> evaluate) for one step; returns (new model, step record)."""
+              budget: int, extra_window: list[int] | None = None) -> tuple[dict, dict]:
+    """score -> prune -> recover (-> evaluate) for one step; returns (new model, step record).
+
+    `extra_window` adds carry-pool windows for tokens an earlier step left over (adaptive budget).
+    """
     cfg, step_dir = run.cfg, run.out / "steps" / f"step-{step:02d}"
     n = k if cfg.scorer == "angular" else 1  # angular scores runs of k blocks; others single blocks
     scored = run.call("score", model_dir=current["path"], model_hash=current["hash"], data_path=data["path"],
@@ -257,11 +272,12 @@ def iteration(run: Run, step: int, current: dict, base: dict, data: dict, k: int
     remove = steps.plan_removal(scored["scores"], k, cfg.scorer, scored["order"])
     pruned = run.tasks["prune"](model_dir=current["path"], model_hash=current["hash"], remove=remove,
                                 out_dir=str(run.out / "work" / f"step-{step:02d}-pruned"))
-    teacher = base if cfg.teacher == "base" else current
+    teacher = _teacher(run, base, current)
     params = dict(student_dir=pruned["path"], student_hash=pruned["hash"], teacher_dir=teacher["path"],
                   teacher_hash=teacher["hash"], data_path=data["path"], data_hash=data["hash"],
-                  recovery={**dataclasses.asdict(cfg.recovery), "tokens": budget}, removed=remove, window_range=window,
-                  out_dir=str(step_dir), device=run.device)
+                  recovery=steps.step_recovery(cfg, budget), removed=remove, window_range=window,
+                  out_dir=str(step_dir), device=run.device,
+                  extra_range=list(extra_window) if extra_window else None)
     healed_before = run.cached("recover", params) and step_dir.exists()
     if not healed_before and not Path(pruned["path"]).exists():
         run.tasks["prune"].with_options(refresh_cache=True)(  # deleted after its recovery; needed again
@@ -271,7 +287,26 @@ def iteration(run: Run, step: int, current: dict, base: dict, data: dict, k: int
         shutil.rmtree(pruned["path"], ignore_errors=True)
     ev = _evaluate(run, healed) if run.opts["eval_every_step"] else {}
     record = {"step": step, "removed": remove, "scores": scored["scores"], "num_layers": healed["num_layers"],
-              "recovery": healed["recovery"], "eval": ev, "checkpoint": healed["path"]}
+              "recovery": healed["recovery"], "eval": ev, "checkpoint": healed["path"],
+              **_recovery_fields(run, teacher, budget, data, [window, extra_window])}
+    return healed, record
+
+
+def final_recovery(run: Run, step: int, current: dict, teacher: dict, data: dict, window: list[int],
+                   budget: int, removed: list[int]) -> tuple[dict, dict]:
+    """The 'final' budget schedule's last phase: heal the finished model once more, nothing removed.
+
+    `removed` is every block removed so far (trainable='adjacent' trains the blocks next to them).
+    """
+    healed = run.call("recover", student_dir=current["path"], student_hash=current["hash"],
+                      teacher_dir=teacher["path"], teacher_hash=teacher["hash"], data_path=data["path"],
+                      data_hash=data["hash"], recovery=steps.step_recovery(run.cfg, budget), removed=removed,
+                      window_range=window, out_dir=str(run.out / "steps" / "final-recovery"), device=run.device,
+                      extra_range=None)
+    ev = _evaluate(run, healed) if run.opts["eval_every_step"] else {}
+    record = {"step": step, "name": "final-recovery", "removed": [], "scores": {},
+              "num_layers": healed["num_layers"], "recovery": healed["recovery"], "eval": ev,
+              "checkpoint": healed["path"], **_recovery_fields(run, teacher, budget, data, [window])}
     return healed, record
 
 
@@ -286,7 +321,9 @@ def compress(model: str = D.model, revision: str | None = None, target_layers: i
              target_ratio: float | None = None, scorer: str = D.scorer, schedule: str = D.schedule,
              blocks_per_step: int = D.blocks_per_step, teacher: str = D.teacher, calibration: str = D.calibration,
              calibration_tokens: int = D.calibration_tokens, recovery_tokens: int = D.recovery_tokens,
-             budget_schedule: str = D.budget_schedule, seq_len: int = D.seq_len, seed: int = D.seed,
+             budget_schedule: str = D.budget_schedule, final_share: float = D.final_share,
+             adaptive_eval_tokens: int = D.adaptive_eval_tokens, adaptive_tol: float = D.adaptive_tol,
+             seq_len: int = D.seq_len, seed: int = D.seed,
              device: str = D.device, allow_remote_code: bool = False, allow_pickle: bool = False,
              output: str = D.output, eval_tasks: str = D.eval_tasks, eval_limit: float | None = D.eval_limit,
              recovery: dict | None = None, eval_every_step: bool = False, min_blimp_retained: float = 0.9,
@@ -306,20 +343,43 @@ def _loop(run: Run) -> dict:
     source_hash = steps.hash_path(cfg.model) if Path(cfg.model).exists() else None
     base = run.call("prepare_base", config=cfg.to_dict(), source_hash=source_hash, work_dir=str(out / "work"))
     plan = steps.num_steps_for(cfg, base["num_layers"])  # blocks removed per step
-    budgets = steps.step_budgets(cfg.recovery_tokens, len(plan), cfg.budget_schedule)
+    budget = steps.budget_plan(cfg, len(plan))
     data = run.call("prepare_data", config=cfg.to_dict(), base_hash=base["hash"], base_dir=base["path"],
-                    work_dir=str(out / "work"), budgets=budgets)
+                    work_dir=str(out / "work"), budgets=steps.data_budgets(budget))
     base_eval = _evaluate(run, base)
     _progress(run, 0, len(plan))
-    current, records = base, []
-    for step, (k, window) in enumerate(zip(plan, steps.recovery_ranges(budgets, cfg.seq_len)), 1):
-        current, record = iteration(run, step, current, base, data, k, list(window), budgets[step - 1])
+    current, records, final_rec = _iterate(run, base, data, plan, budget)
+    final = run.call("publish", model_dir=current["path"], model_hash=current["hash"], out_dir=str(out / "final"))
+    report = _report(run, base, final, base_eval, _evaluate(run, final), records, budget, data, final_rec)
+    return _finish(run, report, final)
+
+
+def _iterate(run: Run, base: dict, data: dict, plan: list[int], budget: dict) -> tuple[dict, list, dict | None]:
+    """Every step (+ the final phase): (last model, step records, final-phase record or None).
+
+    Under 'adaptive' each step gets its share plus what the previous step left (carry); the
+    carry is a pure function of cached results, so a resumed job replays it exactly.
+    """
+    cfg, n = run.cfg, len(plan)
+    ranges = [list(r) for r in steps.recovery_ranges(steps.data_budgets(budget), cfg.seq_len)]
+    pool = tuple(ranges[n]) if budget["carry_pool"] else None  # after the step windows
+    current, records, carry, teacher = base, [], 0, base
+    for step, k in enumerate(plan, 1):
+        given, teacher = budget["steps"][step - 1] + carry, _teacher(run, base, current)
+        extra = steps.carry_range(pool, carry, cfg.seq_len)
+        current, record = iteration(run, step, current, base, data, k, ranges[step - 1], given,
+                                    list(extra) if extra else None)
+        record["carried_in"] = carry
+        carry = steps.next_carry(given, record["recovery"]["tokens"]) if budget["schedule"] == "adaptive" else 0
         records.append(record)
         tracking.log_step(run.job, record, record["checkpoint"] if run.opts["log_checkpoints"] else None)
-        _progress(run, step, len(plan), records)
-    final = run.call("publish", model_dir=current["path"], model_hash=current["hash"], out_dir=str(out / "final"))
-    report = _report(run, base, final, base_eval, _evaluate(run, final), records)
-    return _finish(run, report, final)
+        _progress(run, step, n, records)
+    if not budget["final"]:
+        return current, records, None
+    removed = [i for r in records for i in r["removed"]]
+    current, record = final_recovery(run, n + 1, current, teacher, data, ranges[n], budget["final"], removed)
+    tracking.log_step(run.job, record, record["checkpoint"] if run.opts["log_checkpoints"] else None)
+    return current, records, record
 
 
 def _progress(run: Run, done: int, total: int, records: list | None = None) -> None:
@@ -335,7 +395,8 @@ def _progress(run: Run, done: int, total: int, records: list | None = None) -> N
         create_table_artifact(rows, key="iterabre-steps", description="IteRABRe iterations")
 
 
-def _report(run: Run, base: dict, final: dict, base_eval: dict, final_eval: dict, records: list) -> dict:
+def _report(run: Run, base: dict, final: dict, base_eval: dict, final_eval: dict, records: list,
+            budget: dict | None = None, data: dict | None = None, final_rec: dict | None = None) -> dict:
     """report.json content (see docs/PIPELINE.md)."""
     from iterabre.data import data_version
 
@@ -349,7 +410,17 @@ def _report(run: Run, base: dict, final: dict, base_eval: dict, final_eval: dict
             "final_num_layers": final["num_layers"], "removed_layers": [i for r in records for i in r["removed"]],
             "config": run.cfg.to_dict(), "data_version": version, "base_eval": base_eval,
             "final_eval": final_eval, "steps": records, "final_dir": final["path"],
-            "promotion": {"alias": alias, "reasons": reasons}, "mlflow_run_id": run.job.run_id}
+            "promotion": {"alias": alias, "reasons": reasons}, "mlflow_run_id": run.job.run_id,
+            "budget": _budget_summary(budget, records, final_rec), "final_recovery": final_rec,
+            "data_split": (data or {}).get("split")}
+
+
+def _budget_summary(budget: dict | None, records: list, final_rec: dict | None) -> dict | None:
+    """The budget plan plus the tokens every phase actually trained on."""
+    if budget is None:
+        return None
+    used = [r["recovery"].get("tokens", 0) for r in records + ([final_rec] if final_rec else [])]
+    return {**budget, "used": used, "used_total": sum(used)}
 
 
 def _finish(run: Run, report: dict, final: dict) -> dict:

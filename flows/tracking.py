@@ -23,6 +23,7 @@ from iterabre.paths import REPO_ROOT
 EXPERIMENT = os.environ.get("ITERABRE_MLFLOW_EXPERIMENT", "iterabre")
 TAG_MODEL, TAG_REVISION, TAG_FINGERPRINT = "iterabre.model", "iterabre.revision", "iterabre.fingerprint"
 TAG_OUTPUT, TAG_STEP, TAG_KIND = "iterabre.output", "iterabre.step", "iterabre.kind"
+TAG_TEACHER = "iterabre.teacher"
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -188,6 +189,11 @@ def _step_child(job: Job, step: int):
     return found[0] if found else None
 
 
+# What every recovery method reports, whatever it is (kd, reconstruct, none, ...).
+RECOVERY_METRICS = ("loss_before", "loss_after", "tokens", "seconds", "peak_mem_mb",
+                    "heldout_rel_error_before", "heldout_rel_error_after")
+
+
 def log_step(job: Job, record: dict, checkpoint: str | None) -> str:
     """One child run per iteration: removed blocks, scores, recovery curve, eval, checkpoint."""
     old = _step_child(job, record["step"])
@@ -196,14 +202,18 @@ def log_step(job: Job, record: dict, checkpoint: str | None) -> str:
     if old is not None:
         job.client.delete_run(old.info.run_id)  # half-logged by a killed process
     client, step = job.client, record["step"]
-    run_id = client.create_run(job.experiment_id, run_name=f"step-{step:02d}",
-                               tags={PARENT_TAG: job.run_id, TAG_STEP: str(step), TAG_KIND: "step"}).info.run_id
+    teacher = str(record.get("teacher", "unknown"))  # base | previous: whom this step distilled from
+    run_id = client.create_run(job.experiment_id, run_name=record.get("name") or f"step-{step:02d}",
+                               tags={PARENT_TAG: job.run_id, TAG_STEP: str(step), TAG_KIND: "step",
+                                     TAG_TEACHER: teacher}).info.run_id
     client.log_param(run_id, "removed", ",".join(map(str, record["removed"])))
+    client.log_param(run_id, "teacher", teacher)
+    if record.get("budget") is not None:
+        client.log_param(run_id, "budget", str(record["budget"]))
     rec = record["recovery"]
     _log_metrics(client, run_id, {f"score/block_{i}": s for i, s in record["scores"].items()})
     _log_metrics(client, run_id, {"num_layers": record["num_layers"], **_metrics("eval/", record["eval"]),
-                                  **{f"recovery/{k}": rec[k] for k in ("loss_before", "loss_after", "tokens",
-                                                                       "seconds") if rec.get(k) is not None}})
+                                  **{f"recovery/{k}": rec[k] for k in RECOVERY_METRICS if rec.get(k) is not None}})
     for opt_step, loss in rec.get("losses", []):
         _log_metrics(client, run_id, {"recovery/loss": loss}, step=int(opt_step))
     if checkpoint:

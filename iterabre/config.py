@@ -34,6 +34,8 @@ class RecoveryConfig:
     grad_checkpointing: bool = False  # trade compute for memory on big models
     bf16: bool = True  # bf16 autocast when on CUDA (ignored on CPU)
     max_loss_ratio: float = 4.0  # guard: abort + restore if loss > ratio * first loss
+    early_stop_tokens: int = 0  # > 0: held-out KD loss every this many tokens, stop on a plateau
+    early_stop_tol: float = 0.01  # plateau = relative held-out improvement below this
     ridge: float = 0.3  # reconstruct: ridge (relative to mean Gram diagonal), pulls towards current weights; 0.3 measured best on SmolLM2
     seed: int = 0  # data order and init of adapters
 
@@ -53,7 +55,10 @@ class CompressConfig:
     calibration: str = "wikitext"  # wikitext | self-generated
     calibration_tokens: int = 2048  # tokens used to score blocks
     recovery_tokens: int = 8192  # total recovery budget over all steps (paper: 2.5M)
-    budget_schedule: str = "equal"  # how the total budget is split over steps
+    budget_schedule: str = "equal"  # equal | increasing | final | adaptive: split of the total budget
+    final_share: float = 0.2  # budget_schedule=final: share of the total spent after the last removal
+    adaptive_eval_tokens: int = 1024  # budget_schedule=adaptive: tokens between held-out KD checks
+    adaptive_tol: float = 0.01  # budget_schedule=adaptive: stop when held-out KD improves < this (relative)
     seq_len: int = 128  # tokens per calibration / recovery sequence
     seed: int = 0  # seeds data sampling, training and generation
     device: str = "auto"  # auto | cpu | cuda
@@ -61,7 +66,7 @@ class CompressConfig:
     allow_pickle: bool = False  # .bin (pickle) weights need an explicit yes
     output: str = "outputs/run"  # where final/, step checkpoints and report.json go
     eval_tasks: str = "wikitext,blimp,xcopa"  # lm-eval tasks run on base and final model
-    eval_limit: float | None = 0.05  # per-task limit: fraction (<1) or count; None = full
+    eval_limit: float | None = 0.02  # per-task limit: fraction (<1) or count; None = full (~2 min on CPU)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)  # recovery per step
 
     def to_dict(self) -> dict:

@@ -52,6 +52,8 @@ class RecoveryResult:
     aborted: bool = False
     reason: str = ""
     peak_mem_mb: float = 0.0  # CUDA: peak allocated; CPU: growth of the process's max RSS
+    stopped_early: bool = False  # early stopping saw the held-out KD loss plateau (not an abort)
+    heldout_checks: list[tuple[int, float]] = field(default_factory=list)  # (tokens trained, held-out KD)
     extra: dict = field(default_factory=dict)  # method-specific details (e.g. reconstruct stats)
 
     def to_dict(self) -> dict:
@@ -135,6 +137,47 @@ class LossGuard:
         if self.ema > limit:
             return f"loss grew to {self.ema:.4g} (smoothed), over {self.ratio} x the first loss {self.first:.4g}"
         return ""
+
+
+def plateaued(losses: list[float], tol: float) -> bool:
+    """True when the newest held-out loss beats the best earlier one by less than `tol` (relative)."""
+    if len(losses) < 2:
+        return False
+    best, last = min(losses[:-1]), losses[-1]
+    if not math.isfinite(last):
+        return True
+    return best - last <= tol * abs(best)  # <=: no improvement at all is a plateau, even at tol=0
+
+
+def within_budget(steps: list[list[torch.Tensor]], mask: torch.Tensor, budget: int) -> list[list[torch.Tensor]]:
+    """The planned steps minus any trailing ones that would train on more than `budget` tokens.
+
+    `plan_steps` overshoots by up to one micro-batch; a step that hands its unused tokens on
+    (adaptive budget) must not, or the job would spend more than its total budget.
+    """
+    lengths, kept, used = mask.sum(dim=1), [], 0
+    for micro in steps:
+        tokens = sum(int(lengths[idx].sum()) for idx in micro)
+        if used + tokens > budget:
+            break
+        kept.append(micro)
+        used += tokens
+    return kept
+
+
+class Plateau:
+    """Early stopping: held-out KD loss every `every` trained tokens; stop once it plateaus."""
+
+    def __init__(self, evaluate: Callable[[nn.Module], float], every: int, tol: float, first: float):
+        self.evaluate, self.every, self.tol = evaluate, every, tol
+        self.checks: list[tuple[int, float]] = [(0, first)]  # (tokens trained, held-out loss)
+
+    def __call__(self, model: nn.Module, tokens: int) -> bool:
+        """Whether to stop now, after `tokens` trained tokens (evaluates only when a check is due)."""
+        if tokens - self.checks[-1][0] < self.every:
+            return False
+        self.checks.append((tokens, self.evaluate(model)))
+        return plateaued([loss for _, loss in self.checks], self.tol)
 
 
 # ---------------------------------------------------------------- devices, memory, loss
@@ -315,12 +358,12 @@ def _accumulate(job: RecoveryJob, model: nn.Module, micro: list[torch.Tensor], l
     return total, tokens
 
 
-def _loop(job: RecoveryJob, model: nn.Module, params: list, steps: list) -> dict:
-    """Optimise over the planned steps; stop early when the guard trips."""
+def _loop(job: RecoveryJob, model: nn.Module, params: list, steps: list, monitor: Plateau | None = None) -> dict:
+    """Optimise over the planned steps; stop when the guard trips or the monitor sees a plateau."""
     cfg, loss_fn, guard = job.cfg, KDLoss.from_config(job.cfg), LossGuard(job.cfg.max_loss_ratio)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = round(cfg.warmup_frac * len(steps))
-    out = dict(losses=[], tokens=0, reason="", seconds=0.0)
+    out = dict(losses=[], tokens=0, reason="", seconds=0.0, stopped=False)
     start, bar = time.perf_counter(), _progress_bar(cfg.tokens)
     model.train()
     for step, micro in enumerate(steps):
@@ -341,6 +384,9 @@ def _loop(job: RecoveryJob, model: nn.Module, params: list, steps: list) -> dict
         if job.progress:
             job.progress(dict(step=step, tokens=out["tokens"], loss=loss, lr=lr,
                               tokens_per_s=out["tokens"] / max(out["seconds"], 1e-9)))
+        if monitor is not None and step + 1 < len(steps) and monitor(model, out["tokens"]):
+            out["stopped"] = True
+            break
     bar.close()
     return out
 
@@ -371,14 +417,19 @@ def train_kd(job: RecoveryJob, trainable: str, method: str) -> RecoveryResult:
     eval_ids, eval_mask = _eval_set(job)
     loss_before = kd_loss_on(student, job.teacher, eval_ids, eval_mask, cfg)
     steps = plan_steps(job.attention_mask, cfg.batch_size, cfg.grad_accum, cfg.tokens, cfg.seed)
+    monitor = None
+    if cfg.early_stop_tokens > 0:  # adaptive budget: unused tokens go to the next step, so never overshoot
+        steps = within_budget(steps, job.attention_mask, cfg.tokens)
+        monitor = Plateau(lambda m: kd_loss_on(m, job.teacher, eval_ids, eval_mask, cfg),
+                          cfg.early_stop_tokens, cfg.early_stop_tol, loss_before)
     model, params, finish = select_trainable(student, cfg, job.removed, trainable)
     keep = False  # any exception below also restores the pre-recovery weights
     try:
         if cfg.grad_checkpointing:
             _set_checkpointing(student, True)
         with _seeded(device, cfg.seed):
-            out = _loop(job, model, params, steps)
-        loss_after = loss_before if out["reason"] else kd_loss_on(model, job.teacher, eval_ids, eval_mask, cfg)
+            out = _loop(job, model, params, steps, monitor)
+        loss_after = loss_before if out["reason"] else _final_loss(job, model, monitor, out["tokens"])
         if not out["reason"] and not math.isfinite(loss_after):
             out["reason"] = f"held-out loss is {loss_after} after training"
         keep = not out["reason"]
@@ -392,7 +443,15 @@ def train_kd(job: RecoveryJob, trainable: str, method: str) -> RecoveryResult:
         loss_after=loss_after if keep else loss_before, losses=out["losses"],
         tokens=out["tokens"], steps=len(out["losses"]), seconds=time.perf_counter() - start,
         tokens_per_s=out["tokens"] / out["seconds"] if out["seconds"] else 0.0,
-        aborted=bool(out["reason"]), reason=out["reason"], peak_mem_mb=_peak_mem_mb(device, mem))
+        aborted=bool(out["reason"]), reason=out["reason"], peak_mem_mb=_peak_mem_mb(device, mem),
+        stopped_early=out["stopped"], heldout_checks=monitor.checks[1:] if monitor else [])
+
+
+def _final_loss(job: RecoveryJob, model: nn.Module, monitor: Plateau | None, tokens: int) -> float:
+    """Held-out KD loss after training; reuses the monitor's last check when it was taken right here."""
+    if monitor is not None and len(monitor.checks) > 1 and monitor.checks[-1][0] == tokens:
+        return monitor.checks[-1][1]
+    return kd_loss_on(model, job.teacher, *_eval_set(job), job.cfg)
 
 
 # ---------------------------------------------------------------- methods
@@ -484,6 +543,9 @@ def _check_config(cfg: RecoveryConfig) -> None:
     if cfg.tokens < 0 or cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise IterabreError(f"recovery needs tokens >= 0, batch_size >= 1, grad_accum >= 1 (got {cfg.tokens}, "
                             f"{cfg.batch_size}, {cfg.grad_accum}).", "fix the recovery settings")
+    if cfg.early_stop_tokens < 0 or not cfg.early_stop_tol >= 0:
+        raise IterabreError(f"recovery needs early_stop_tokens >= 0 and early_stop_tol >= 0 (got "
+                            f"{cfg.early_stop_tokens}, {cfg.early_stop_tol}).", "fix the recovery settings")
     if not cfg.lr > 0 or not 0 <= cfg.warmup_frac < 1:
         raise IterabreError(f"recovery needs lr > 0 and 0 <= warmup_frac < 1 (got {cfg.lr}, {cfg.warmup_frac}).",
                             "fix the recovery settings")

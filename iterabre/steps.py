@@ -8,6 +8,7 @@ itself lives once, in `flows/compress.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -23,7 +24,8 @@ from iterabre.errors import IterabreError
 SCHEDULES = ("iterative", "one-shot")
 TEACHERS = ("base", "previous")
 CALIBRATIONS = ("wikitext", "self-generated")
-BUDGET_SCHEDULES = ("equal", "linear")
+BUDGET_SCHEDULES = ("equal", "increasing", "final", "adaptive")
+BUDGET_ALIASES = {"linear": "increasing"}  # the first name of 'increasing'; old configs keep working
 SOURCE_FILE = "iterabre-source.json"  # provenance of a prepared base model
 _CHUNK = 1 << 20
 _HASH_MEMO: dict[tuple, str] = {}
@@ -90,6 +92,16 @@ def _check_sizes(cfg: CompressConfig) -> None:
         raise IterabreError(f"eval_limit={cfg.eval_limit} must be positive or None.", "pass e.g. 0.05 or none")
 
 
+def _check_budget(cfg: CompressConfig) -> None:
+    """Budget schedule name and its knobs are usable."""
+    budget_schedule_name(cfg.budget_schedule)
+    if not 0 <= cfg.final_share < 1:
+        raise IterabreError(f"final_share={cfg.final_share} must be in [0, 1).", "pass e.g. --final-share 0.2")
+    if cfg.adaptive_eval_tokens < 1 or not cfg.adaptive_tol >= 0:
+        raise IterabreError(f"need adaptive_eval_tokens >= 1 and adaptive_tol >= 0 (got {cfg.adaptive_eval_tokens}, "
+                            f"{cfg.adaptive_tol}).", "pass e.g. --adaptive-eval-tokens 1024 --adaptive-tol 0.01")
+
+
 def _check_recovery(rec: RecoveryConfig) -> None:
     """Recovery method and its options name things that exist."""
     from iterabre.recovery import LR_SCHEDULES, RECOVERY_METHODS, TRAINABLE
@@ -111,8 +123,6 @@ def _as_declared(value, annotation: str):
 
 def normalise_config(cfg: CompressConfig) -> CompressConfig:
     """Same config with numbers in their declared types, so equal jobs get equal fingerprints."""
-    import dataclasses
-
     def fix(obj):
         return {f.name: _as_declared(getattr(obj, f.name), str(f.type)) for f in dataclasses.fields(obj)
                 if f.name != "recovery"}
@@ -131,7 +141,7 @@ def validate_config(cfg: CompressConfig) -> None:
     _one_of(cfg.schedule, SCHEDULES, "schedule")
     _one_of(cfg.teacher, TEACHERS, "teacher")
     _one_of(cfg.calibration, CALIBRATIONS, "calibration")
-    _one_of(cfg.budget_schedule, BUDGET_SCHEDULES, "budget_schedule")
+    _check_budget(cfg)
     _check_sizes(cfg)
     _check_recovery(cfg.recovery)
     resolve_device(cfg.device)
@@ -159,15 +169,76 @@ def num_steps_for(cfg: CompressConfig, base_layers: int) -> list[int]:
     return [cfg.blocks_per_step] * full + ([rest] if rest else [])
 
 
-def step_budgets(total_tokens: int, num_steps: int, schedule: str = "equal") -> list[int]:
-    """Split the recovery budget over steps; 'linear' gives step i weight i (later damage is larger)."""
-    _one_of(schedule, BUDGET_SCHEDULES, "budget_schedule")
+def budget_schedule_name(name: str) -> str:
+    """The canonical budget schedule for `name` ('linear' -> 'increasing'); IterabreError if unknown."""
+    name = BUDGET_ALIASES.get(name, name)
+    _one_of(name, BUDGET_SCHEDULES, "budget_schedule")
+    return name
+
+
+def final_budget(total_tokens: int, num_steps: int, schedule: str = "equal",
+                 final_share: float = CompressConfig.final_share) -> int:
+    """Tokens of the recovery phase after the last removal: share * total for 'final', else 0.
+
+    One step (one-shot) has nothing after its single recovery to add, so it keeps the whole budget.
+    """
+    if budget_schedule_name(schedule) != "final" or num_steps < 2:
+        return 0
+    return round(total_tokens * final_share)
+
+
+def step_budgets(total_tokens: int, num_steps: int, schedule: str = "equal",
+                 final_share: float = CompressConfig.final_share) -> list[int]:
+    """Split the recovery budget over steps (see `budget_plan` for what each schedule does)."""
+    schedule = budget_schedule_name(schedule)
     if num_steps < 1:
         return []
-    weights = [1] * num_steps if schedule == "equal" else list(range(1, num_steps + 1))
-    budgets = [total_tokens * w // sum(weights) for w in weights]
-    budgets[-1] += total_tokens - sum(budgets)  # integer remainder goes to the last step
+    pool = total_tokens - final_budget(total_tokens, num_steps, schedule, final_share)
+    # increasing: step i gets weight i, because later removals cut a model that is already weaker
+    weights = list(range(1, num_steps + 1)) if schedule == "increasing" else [1] * num_steps
+    budgets = [pool * w // sum(weights) for w in weights]
+    budgets[-1] += pool - sum(budgets)  # integer remainder goes to the last step
     return budgets
+
+
+def budget_plan(cfg: CompressConfig, num_steps: int) -> dict:
+    """How a job spends cfg.recovery_tokens: per-step budgets, a final phase, a pool for carried tokens.
+
+    equal / increasing / final: sum(steps) + final == total exactly. adaptive: steps start equal;
+    a step that stops early hands its unused tokens to the next (`next_carry`), whose extra
+    windows come from `carry_pool` tokens reserved after the step windows (the most that can
+    ever be carried is everything but the last step's share).
+    """
+    schedule = budget_schedule_name(cfg.budget_schedule)
+    budgets = step_budgets(cfg.recovery_tokens, num_steps, schedule, cfg.final_share)
+    pool = sum(budgets[:-1]) if schedule == "adaptive" else 0
+    return {"schedule": schedule, "total": cfg.recovery_tokens, "steps": budgets,
+            "final": final_budget(cfg.recovery_tokens, num_steps, schedule, cfg.final_share), "carry_pool": pool}
+
+
+def data_budgets(plan: dict) -> list[int]:
+    """Budgets `prepare_data` reserves recovery windows for: each step, then the final phase / carry pool."""
+    return plan["steps"] + [b for b in (plan["final"], plan["carry_pool"]) if b > 0]
+
+
+def next_carry(budget: int, used: int) -> int:
+    """Tokens a step hands to the next under 'adaptive': what it was given minus what it trained on."""
+    return max(0, budget - used)
+
+
+def carry_range(pool: tuple[int, int] | None, carry: int, seq_len: int) -> tuple[int, int] | None:
+    """The first windows of the carry pool that hold `carry` tokens; None when nothing is carried."""
+    if carry <= 0 or pool is None:
+        return None
+    return pool[0], pool[0] + min(math.ceil(carry / seq_len), pool[1] - pool[0])
+
+
+def step_recovery(cfg: CompressConfig, budget: int) -> dict:
+    """One phase's RecoveryConfig as a dict: cfg.recovery with `budget` tokens (+ early stop if adaptive)."""
+    rec = {**dataclasses.asdict(cfg.recovery), "tokens": budget}
+    if budget_schedule_name(cfg.budget_schedule) == "adaptive":
+        rec.update(early_stop_tokens=cfg.adaptive_eval_tokens, early_stop_tol=cfg.adaptive_tol)
+    return rec
 
 
 def recovery_ranges(budgets: list[int], seq_len: int) -> list[tuple[int, int]]:
@@ -260,7 +331,11 @@ def _calibration_windows(cfg: CompressConfig, model_dir: Path, n: int) -> torch.
 
 def prepare_data(cfg: CompressConfig, model_dir: str | os.PathLike, work_dir: str | os.PathLike,
                  budgets: list[int]) -> Path:
-    """Disjoint calibration / recovery / held-out token windows, saved as one .pt file."""
+    """Disjoint calibration / recovery / held-out token windows, saved as one .pt file.
+
+    All three come from wikitext-2 *valid*; evaluation (lm-eval `wikitext`) reads wikitext-2 *test*,
+    so no text used to score or heal a model is ever scored as held-out evaluation text.
+    """
     from transformers import AutoTokenizer
 
     from iterabre.data import load_documents, split_windows, token_windows
@@ -273,10 +348,37 @@ def prepare_data(cfg: CompressConfig, model_dir: str | os.PathLike, work_dir: st
     split = split_windows(windows, n_calib, n_recovery, n_calib, cfg.seed)  # held-out as big as calib
     if cfg.calibration == "self-generated":
         split["calib"] = _calibration_windows(cfg, Path(model_dir), n_calib)
+    layout = split_layout(cfg, n_calib, n_recovery, int(windows.shape[0]))
     payload = {**split, "recovery_ranges": [list(r) for r in ranges],
                "meta": {"seq_len": cfg.seq_len, "seed": cfg.seed, "calibration": cfg.calibration,
-                        "windows_available": int(windows.shape[0])}}
+                        "windows_available": int(windows.shape[0]), "split": layout}}
     return _save_atomic(payload, Path(work_dir) / "data.pt")
+
+
+def split_layout(cfg: CompressConfig, n_calib: int, n_recovery: int, available: int) -> dict:
+    """Where every set of windows sits, for report.json: [start, stop) positions in one seeded
+    permutation of the wikitext-2 valid windows (calibration, then recovery, then held-out).
+
+    Position p is window w = `torch.randperm(windows_available, seed)[p]`, i.e. tokens
+    [w * seq_len, (w + 1) * seq_len) of the tokenized valid text: disjoint ranges are disjoint text.
+    """
+    def span(start: int, stop: int) -> dict:
+        return {"windows": [start, stop], "tokens": (stop - start) * cfg.seq_len}
+
+    calib = span(0, n_calib)
+    if cfg.calibration == "self-generated":  # the wikitext windows stay reserved, but unused
+        calib["source"] = "self-generated by the base model"
+    return {"source": "wikitext-2 valid", "seq_len": cfg.seq_len, "seed": cfg.seed,
+            "windows_available": available, "calibration": calib,
+            "recovery": span(n_calib, n_calib + n_recovery),
+            "heldout": span(n_calib + n_recovery, n_calib + n_recovery + n_calib),
+            "evaluation": "lm-eval tasks on wikitext-2 test, BLiMP and XCOPA (never wikitext-2 valid)"}
+
+
+def global_windows(layout: dict, window_range) -> list[int]:
+    """A [start, stop) slice of the recovery windows, in `split_layout`'s permutation positions."""
+    offset = layout["recovery"]["windows"][0]
+    return [offset + int(window_range[0]), offset + int(window_range[1])]
 
 
 def _save_atomic(obj, path: Path) -> Path:
@@ -291,6 +393,11 @@ def _save_atomic(obj, path: Path) -> Path:
 def load_data(data_path: str | os.PathLike) -> dict:
     """The windows file written by `prepare_data` (tensors + plain lists only)."""
     return torch.load(data_path, weights_only=True)
+
+
+def data_layout(data_path: str | os.PathLike) -> dict:
+    """The `split_layout` stored in a windows file by `prepare_data`."""
+    return load_data(data_path)["meta"]["split"]
 
 
 def _mask(ids: torch.Tensor) -> torch.Tensor:
@@ -324,20 +431,33 @@ def prune(model_dir: str | os.PathLike, remove: list[int], out_dir: str | os.Pat
 
 def recover(student_dir: str | os.PathLike, teacher_dir: str | os.PathLike, data_path: str | os.PathLike,
             recovery_cfg: dict, removed: list[int], window_range: tuple[int, int],
-            out_dir: str | os.PathLike, device: str, progress=None) -> dict:
-    """Heal the pruned student towards the teacher on its slice of the recovery windows; save it."""
+            out_dir: str | os.PathLike, device: str, progress=None,
+            extra_range: tuple[int, int] | None = None) -> dict:
+    """Heal the pruned student towards the teacher on its slice of the recovery windows; save it.
+
+    `extra_range` adds more recovery windows (from the carry pool, for tokens an earlier step left).
+    """
     from iterabre.models import save_model
+    from iterabre.reconstruct import relative_hidden_error
     from iterabre.recovery import recover as run_recovery
 
     student, tokenizer = _load(student_dir, device)
     teacher, _ = _load(teacher_dir, device)
     data = load_data(data_path)
     ids = data["recovery"][window_range[0]:window_range[1]]  # [n, T] this step's share
+    if extra_range is not None:
+        ids = torch.cat([ids, data["recovery"][extra_range[0]:extra_range[1]]])  # [n + m, T]
     held = data["heldout"]
+    error_before = relative_hidden_error(student, teacher, held, _mask(held))
     result = run_recovery(student, teacher, ids, _mask(ids), RecoveryConfig(**recovery_cfg), list(removed),
                           progress=progress, device=device, heldout_ids=held, heldout_mask=_mask(held))
+    # Every method reports the same quality yardstick: how far the final hidden states are
+    # from the teacher's on held-out text (issue: compare none / reconstruct / kd by it).
+    record = result.to_dict()
+    record["heldout_rel_error_before"] = error_before
+    record["heldout_rel_error_after"] = relative_hidden_error(student, teacher, held, _mask(held))
     save_model(student, tokenizer, out_dir)
-    return json.loads(json.dumps(result.to_dict()))  # tuples -> lists: what a JSON round trip gives
+    return json.loads(json.dumps(record))  # tuples -> lists: what a JSON round trip gives
 
 
 def evaluate(model_dir: str | os.PathLike, tasks: str, limit: float | None, device: str,
