@@ -96,12 +96,9 @@ def _check_free_space(where: Path, needed: int) -> None:
 
 
 def _sha256(path: Path) -> str:
-    """Hex sha256 of a file, streamed in 1 MiB chunks."""
-    digest = hashlib.sha256()
+    """Hex sha256 of a file (streamed by hashlib)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _wheel_candidates(spec: EmbeddedModel) -> list[Path]:

@@ -31,7 +31,6 @@ in down_proj, held-out relative final-hidden error 0.279 without recovery):
 
 from __future__ import annotations
 
-import resource
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from torch import nn
 
 from iterabre.errors import IterabreError
 from iterabre.lstsq import accumulate_gram, residual_sq, solve_state, with_bias_column
+from iterabre.memory import peak_mb, start_peak
 
 # Projection name -> attribute path inside a decoder block.
 PROJECTIONS = {"o_proj": ("self_attn", "o_proj"), "down_proj": ("mlp", "down_proj")}
@@ -363,7 +363,7 @@ def reconstruct(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor,
     plan = fit_plan(student, teacher, removed)
     batch_size = batch_size or max(int(getattr(cfg, "batch_size", 8)), 1)
     start, was_training = time.perf_counter(), student.training
-    mem = _mem_start(_device(student))
+    mem = start_peak(_device(student))
     student.eval()
     gaps = []
     try:
@@ -384,25 +384,11 @@ def _result(student: nn.Module, gaps: list[dict], names, seconds: float, mem: in
     fitted = [by_id[id(projection(blocks[g["student_pos"]], n))] for g in gaps if not g["restored"] for n in names]
     restored = [by_id[id(blocks[g["student_pos"]])] for g in gaps if g["restored"]]
     return ReconstructResult(error_before=rel("err_before"), error_after=rel("err_after"), seconds=seconds,
-                             peak_mem_mb=_peak_mem_mb(_device(student), mem), fitted=fitted,
+                             peak_mem_mb=peak_mb(_device(student), mem), fitted=fitted,
                              tokens=max((g["tokens"] for g in gaps), default=0), gaps=gaps, restored=restored)
 
 
 # ---------------------------------------------------------------- memory + metric
-
-def _mem_start(device: torch.device) -> int:
-    """Reset/record the memory baseline for `_peak_mem_mb` (same semantics as iterabre.recovery)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _peak_mem_mb(device: torch.device, start: int) -> float:
-    """CUDA peak allocated MiB, or the CPU max-RSS growth in MiB (ru_maxrss is KiB on Linux)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024
 
 
 def final_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

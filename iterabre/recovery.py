@@ -15,7 +15,6 @@ import dataclasses
 import importlib
 import math
 import os
-import resource
 import sys
 import time
 import warnings
@@ -28,6 +27,7 @@ from torch import nn
 from iterabre.config import RecoveryConfig
 from iterabre.errors import IterabreError
 from iterabre.kd import KDLoss
+from iterabre.memory import peak_mb, start_peak
 
 TRAINABLE = ("all", "adjacent", "lora")
 LR_SCHEDULES = ("cosine", "constant")
@@ -192,21 +192,6 @@ def _autocast(device: torch.device, bf16: bool):
     if device.type == "cuda" and bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _mem_start(device: torch.device) -> int:
-    """Reset/record the memory baseline for `_peak_mem_mb`."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _peak_mem_mb(device: torch.device, start: int) -> float:
-    """CUDA peak allocated MiB, or the CPU max-RSS growth in MiB (ru_maxrss is KiB on Linux)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024
 
 
 def _run(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, hidden: bool, bf16: bool):
@@ -413,7 +398,7 @@ def _set_checkpointing(student: nn.Module, on: bool) -> None:
 def train_kd(job: RecoveryJob, trainable: str, method: str) -> RecoveryResult:
     """Distil the teacher into the student in place; restore the old weights if the guard trips."""
     cfg, student, device = job.cfg, job.student, torch.device(job.device)
-    start, mem = time.perf_counter(), _mem_start(device)
+    start, mem = time.perf_counter(), start_peak(device)
     eval_ids, eval_mask = _eval_set(job)
     loss_before = kd_loss_on(student, job.teacher, eval_ids, eval_mask, cfg)
     steps = plan_steps(job.attention_mask, cfg.batch_size, cfg.grad_accum, cfg.tokens, cfg.seed)
@@ -443,7 +428,7 @@ def train_kd(job: RecoveryJob, trainable: str, method: str) -> RecoveryResult:
         loss_after=loss_after if keep else loss_before, losses=out["losses"],
         tokens=out["tokens"], steps=len(out["losses"]), seconds=time.perf_counter() - start,
         tokens_per_s=out["tokens"] / out["seconds"] if out["seconds"] else 0.0,
-        aborted=bool(out["reason"]), reason=out["reason"], peak_mem_mb=_peak_mem_mb(device, mem),
+        aborted=bool(out["reason"]), reason=out["reason"], peak_mem_mb=peak_mb(device, mem),
         stopped_early=out["stopped"], heldout_checks=monitor.checks[1:] if monitor else [])
 
 
@@ -498,7 +483,7 @@ def _recover_reconstruct(job: RecoveryJob) -> RecoveryResult:
     """Closed-form reconstruction of the blocks next to the gap (iterabre.reconstruct)."""
     reconstruct = _import_reconstruct()
     device = torch.device(job.device)
-    start, mem = time.perf_counter(), _mem_start(device)
+    start, mem = time.perf_counter(), start_peak(device)
     eval_ids, eval_mask = _eval_set(job)
     before = kd_loss_on(job.student, job.teacher, eval_ids, eval_mask, job.cfg)
     info = reconstruct(job.student, job.teacher, job.input_ids, job.attention_mask, job.cfg, list(job.removed))
@@ -507,7 +492,7 @@ def _recover_reconstruct(job: RecoveryJob) -> RecoveryResult:
     tokens = int(getattr(info, "tokens", int(job.attention_mask.sum())))
     return RecoveryResult(method="reconstruct", trainable="reconstruct", loss_before=before, loss_after=after,
                           tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds if seconds else 0.0,
-                          peak_mem_mb=_peak_mem_mb(device, mem), extra={"reconstruct": _as_dict(info)})
+                          peak_mem_mb=peak_mb(device, mem), extra={"reconstruct": _as_dict(info)})
 
 
 def _recover_reconstruct_kd(job: RecoveryJob) -> RecoveryResult:

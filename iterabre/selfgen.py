@@ -71,12 +71,9 @@ def selfgen_cache_path(model_hash: str, params: dict) -> Path:
 
 
 def file_md5(path: Path) -> str:
-    """md5 of a file's bytes."""
-    digest = hashlib.md5()
+    """md5 of a file's bytes (the digest DVC uses for data versions)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _write_atomic(path: Path, write) -> None:
