@@ -449,9 +449,10 @@ def flow_parameters(cfg: CompressConfig, **options) -> dict:
 
 
 def _metric_lines(report: dict) -> list[str]:
-    """'task/metric: base -> final' for every metric both evaluations have."""
+    """'task/metric: base -> final' for the tasks asked for (subtasks stay in report.json)."""
     base, final = report["base_eval"], report["final_eval"]
-    return [f"  {t}/{m}: {v:.4g} -> {final[t][m]:.4g}" for t, row in base.items() for m, v in row.items()
+    asked = [t.strip() for t in report["config"]["eval_tasks"].split(",") if t.strip()]
+    return [f"  {t}/{m}: {v:.4g} -> {final[t][m]:.4g}" for t in asked for m, v in base.get(t, {}).items()
             if not m.endswith("_stderr") and m in final.get(t, {})]
 
 
