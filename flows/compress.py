@@ -19,6 +19,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import os
 import re
 import shutil
@@ -466,4 +467,7 @@ def run_from_cli(cfg: CompressConfig, **options) -> dict:
     print(f"final model: {out / 'final'}\nreport:      {out / 'report.md'}")
     print(f"registry:    {report['registry']['uri']} (version {report['registry']['version']})")
     print(f"MLflow UI:   mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    # The ephemeral server says goodbye from an atexit hook, after the console it would log to
+    # is closed ("--- Logging error ---"); that info line is not worth a traceback.
+    logging.getLogger("prefect").setLevel(logging.WARNING)
     return report
