@@ -14,6 +14,7 @@ deployment on a worker (`prefect deployment run iterabre/compress`) and from `fl
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import hashlib
@@ -468,6 +469,7 @@ def run_from_cli(cfg: CompressConfig, **options) -> dict:
     print(f"registry:    {report['registry']['uri']} (version {report['registry']['version']})")
     print(f"MLflow UI:   mlflow ui --backend-store-uri {tracking.tracking_uri()}")
     # The ephemeral server says goodbye from an atexit hook, after the console it would log to
-    # is closed ("--- Logging error ---"); that info line is not worth a traceback.
-    logging.getLogger("prefect").setLevel(logging.WARNING)
+    # is closed ("--- Logging error ---"). Hooks run last-in first-out, so this one, registered
+    # after the server's, mutes that info line at exit and nothing before it.
+    atexit.register(logging.getLogger("prefect").setLevel, logging.WARNING)
     return report
