@@ -98,3 +98,14 @@ def test_retained():
     assert retained(0.4, 0.8, True) == 50.0
     assert retained(40.0, 20.0, False) == 50.0
     assert retained(None, 0.8, True) is None and retained(0.5, None, True) is None
+
+
+def test_already_pruned_base_keeps_original_numbering(tmp_path):
+    # A base with blocks [0, 2, 5] left (3 blocks) from an earlier job: scores use original indices.
+    report = {"base_model": "pruned", "base_num_layers": 3, "final_num_layers": 2, "removed_layers": [2],
+              "base_eval": {}, "final_eval": {},
+              "steps": [{"step": 1, "removed": [2], "num_layers": 2, "scores": {"0": 0.9, "2": 0.1, "5": 0.5},
+                         "recovery": {}, "eval": None}]}
+    grid = importance_matrix(report)
+    assert grid.shape == (1, 6) and math.isnan(grid[0, 1]) and grid[0, 2] == 0.0 and grid[0, 0] == 1.0
+    assert [p.name for p in write_report(report, tmp_path)] == ["report.md", "importance.png", "metrics.png"]

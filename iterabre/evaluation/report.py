@@ -136,7 +136,11 @@ def importance_matrix(report: dict):
     """float[steps, base blocks] of row-normalised scores; NaN where a block was already gone."""
     import numpy as np
 
-    steps, n = report.get("steps", []), report["base_num_layers"]
+    steps = report.get("steps", [])
+    # A base that was itself pruned keeps its original numbering: [0, 2, 5] has 3 blocks
+    # but needs 6 columns.
+    seen = [int(k) for step in steps for k in (step.get("scores") or {})]
+    n = max([report["base_num_layers"]] + [k + 1 for k in seen])
     grid = np.full((len(steps), n), np.nan)
     for i, step in enumerate(steps):
         scores = {int(k): float(v) for k, v in (step.get("scores") or {}).items()}
