@@ -33,6 +33,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from flows import tracking
 from iterabre import steps
 from iterabre.config import CompressConfig, RecoveryConfig
+from iterabre.errors import IterabreError
 from iterabre.paths import REPO_ROOT
 
 D, R = CompressConfig(), RecoveryConfig()
@@ -458,8 +459,19 @@ def _metric_lines(report: dict) -> list[str]:
             if not m.endswith("_stderr") and m in final.get(t, {})]
 
 
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed run with its traceback; for a user error the one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], IterabreError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def run_from_cli(cfg: CompressConfig, **options) -> dict:
     """Run the flow in this process (Prefect's ephemeral API) and print where everything is."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
     report = compress(**flow_parameters(cfg, **options))
     out = Path(cfg.output).resolve()
     print(f"\nremoved blocks {report['removed_layers']}: {report['base_num_layers']} -> "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,11 @@ models_app = typer.Typer(help="Embedded models: pull, list.", no_args_is_help=Tr
 data_app = typer.Typer(help="The DVC-tracked data folder: import, version.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
+
+# Phoning home fails (and logs errors) on offline machines; users may still turn these on.
+for _var, _off in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                   ("DVC_NO_ANALYTICS", "1"), ("DO_NOT_TRACK", "1")):
+    os.environ.setdefault(_var, _off)
 
 _DEFAULTS = CompressConfig()
 _RECOVERY_DEFAULTS = RecoveryConfig()
