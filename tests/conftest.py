@@ -66,6 +66,17 @@ def tiny_model_dir(session_tmp) -> Path:
     return path
 
 
+def stop_process_group(proc, timeout: float) -> None:
+    """SIGTERM a process started with start_new_session=True and its children; SIGKILL if stuck."""
+    import subprocess
+
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+
+
 def _free_port() -> int:
     import socket
 
@@ -101,9 +112,5 @@ def prefect_server(session_tmp):
                 time.sleep(1)
         yield env
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        stop_process_group(proc, timeout=20)
         log.close()

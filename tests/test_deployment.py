@@ -1,7 +1,6 @@
 """prefect.yaml deployments, the watch flow, and a real server + process worker running `compress`."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import stop_process_group
 from flows import tracking, watch
 from iterabre import steps
 from iterabre.errors import IterabreError
@@ -96,11 +96,7 @@ def test_deployment_run_on_a_process_worker(prefect_server, tiny_model_dir, tmp_
         _cli(["deployment", "run", "iterabre/compress", "--params", json.dumps(params), "--watch",
               "--watch-timeout", "400"], env, timeout=450)
     finally:
-        os.killpg(worker.pid, 15)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, 9)
+        stop_process_group(worker, timeout=30)
         log.close()
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["final_num_layers"] == 4
