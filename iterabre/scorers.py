@@ -224,15 +224,20 @@ def _stream_states(model, ids, mask) -> tuple[torch.Tensor, ...]:
     return states
 
 
-def naive_scores(model, input_ids, attention_mask, scorer: str = "output", n: int = 1,
-                 batch_size: int = 4, progress: Progress | None = None) -> BlockScores:
-    """Reference scores: literally rerun the whole model with each candidate run skipped."""
+def _setup(model, input_ids, attention_mask, scorer: str, n: int, batch_size: int, progress):
+    """What both scoring paths start from: rule, batches, candidate starts, running sums, ticker."""
     rule = _scorer(scorer)
     batches = _batches(model, input_ids, attention_mask, batch_size)
     starts = _starts(model, n)
     sums = {p: [0.0, 0] for p in starts}
-    per_batch = 1 if rule.kind == "pair" else len(starts)
-    ticker = _Ticker(progress, len(batches) * per_batch)
+    ticker = _Ticker(progress, len(batches) * (1 if rule.kind == "pair" else len(starts)))
+    return rule, batches, starts, sums, ticker
+
+
+def naive_scores(model, input_ids, attention_mask, scorer: str = "output", n: int = 1,
+                 batch_size: int = 4, progress: Progress | None = None) -> BlockScores:
+    """Reference scores: literally rerun the whole model with each candidate run skipped."""
+    rule, batches, starts, sums, ticker = _setup(model, input_ids, attention_mask, scorer, n, batch_size, progress)
     with _eval_inference(model):
         for ids, mask in batches:
             if rule.kind == "pair":
@@ -289,11 +294,7 @@ def _resume_candidates(model, cap, tail, rule, ids, mask, starts, n, sums, ticke
 def score_blocks(model, input_ids, attention_mask, scorer: str = "output", n: int = 1,
                  batch_size: int = 4, progress: Progress | None = None) -> BlockScores:
     """Scores per candidate run of n blocks, keyed by original index; same values as naive_scores."""
-    rule = _scorer(scorer)
-    batches = _batches(model, input_ids, attention_mask, batch_size)
-    starts = _starts(model, n)
-    sums = {p: [0.0, 0] for p in starts}
-    ticker = _Ticker(progress, len(batches) * (1 if rule.kind == "pair" else len(starts)))
+    rule, batches, starts, sums, ticker = _setup(model, input_ids, attention_mask, scorer, n, batch_size, progress)
     tail = tail_modules(model)
     with _eval_inference(model):
         for b, (ids, mask) in enumerate(batches):

@@ -141,33 +141,26 @@ def test_adaptive_recovery_stops_on_a_plateau_and_leaves_tokens(pair):
 
 # ---------------------------------------------------------------- data ranges
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-budget")
-    tiny_model("llama", 6).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
-
 
 def _span(entry) -> range:
     return range(*entry["windows"])
 
 
-def test_data_layout_names_the_windows_really_used(tiny_dir, tmp_path):
+def test_data_layout_names_the_windows_really_used(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from iterabre.data import load_documents, token_windows
 
     cfg = _cfg(calibration_tokens=96, budget_schedule="adaptive", recovery_tokens=128)
     plan = steps.budget_plan(cfg, 2)
-    data = steps.load_data(steps.prepare_data(cfg, tiny_dir, tmp_path, steps.data_budgets(plan)))
+    data = steps.load_data(steps.prepare_data(cfg, tiny_model_dir, tmp_path, steps.data_budgets(plan)))
     layout = data["meta"]["split"]
     spans = [_span(layout[k]) for k in ("calibration", "recovery", "heldout")]
     assert [len(s) for s in spans] == [3, 2 + 2 + 2, 3]
     assert not set(spans[0]) & set(spans[1]) and not set(spans[1]) & set(spans[2])
     assert layout["source"] == "wikitext-2 valid" and "wikitext-2 test" in layout["evaluation"]
     # The positions are true: they index one seeded permutation of the valid-text windows.
-    windows = token_windows(AutoTokenizer.from_pretrained(str(tiny_dir)), load_documents("wikitext", "valid"), 32)
+    windows = token_windows(AutoTokenizer.from_pretrained(str(tiny_model_dir)), load_documents("wikitext", "valid"), 32)
     order = torch.randperm(layout["windows_available"], generator=torch.Generator().manual_seed(cfg.seed))
     for key, name in (("calib", "calibration"), ("recovery", "recovery"), ("heldout", "heldout")):
         assert torch.equal(data[key], windows[order[_span(layout[name]).start:_span(layout[name]).stop]])
@@ -181,7 +174,7 @@ def test_evaluation_reads_the_test_split_only():
     assert task_utils.task_data_path("wikitext").name == "test.parquet"
 
 
-def test_extra_range_adds_carry_windows(tiny_dir, tmp_path, monkeypatch):
+def test_extra_range_adds_carry_windows(tiny_model_dir, tmp_path, monkeypatch):
     import iterabre.recovery
 
     seen = {}
@@ -191,9 +184,9 @@ def test_extra_range_adds_carry_windows(tiny_dir, tmp_path, monkeypatch):
         return iterabre.recovery.RecoveryResult(method="kd", trainable="all")
 
     monkeypatch.setattr(iterabre.recovery, "recover", fake_recover)
-    data = steps.prepare_data(_cfg(), tiny_dir, tmp_path, budgets=[64, 64, 64])
+    data = steps.prepare_data(_cfg(), tiny_model_dir, tmp_path, budgets=[64, 64, 64])
     windows = steps.load_data(data)["recovery"]
-    steps.recover(tiny_dir, tiny_dir, data, {}, [], (0, 2), tmp_path / "out", "cpu", extra_range=(4, 6))
+    steps.recover(tiny_model_dir, tiny_model_dir, data, {}, [], (0, 2), tmp_path / "out", "cpu", extra_range=(4, 6))
     assert torch.equal(seen["ids"], torch.cat([windows[0:2], windows[4:6]]))
 
 

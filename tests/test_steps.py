@@ -19,15 +19,6 @@ def _cfg(**kw) -> CompressConfig:
     return CompressConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A 6-block tiny Llama + byte tokenizer saved as a local model folder."""
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama", 6).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
-
-
 # ---------------------------------------------------------------- config
 
 def test_valid_config_passes():
@@ -129,9 +120,9 @@ def test_hash_path_follows_content_and_names(tmp_path):
 
 # ---------------------------------------------------------------- steps on a tiny model
 
-def test_prepare_data_splits_are_disjoint(tiny_dir, tmp_path):
+def test_prepare_data_splits_are_disjoint(tiny_model_dir, tmp_path):
     cfg = _cfg(calibration_tokens=96, seq_len=32)
-    path = steps.prepare_data(cfg, tiny_dir, tmp_path, budgets=[64, 64])
+    path = steps.prepare_data(cfg, tiny_model_dir, tmp_path, budgets=[64, 64])
     data = steps.load_data(path)
     assert data["calib"].shape == (3, 32) and data["heldout"].shape == (3, 32)
     assert data["recovery"].shape == (4, 32) and data["recovery_ranges"] == [[0, 2], [2, 4]]
@@ -140,39 +131,39 @@ def test_prepare_data_splits_are_disjoint(tiny_dir, tmp_path):
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
-def test_self_generated_calibration_replaces_calib_only(tiny_dir, tmp_path, monkeypatch):
+def test_self_generated_calibration_replaces_calib_only(tiny_model_dir, tmp_path, monkeypatch):
     import iterabre.selfgen
 
     fake = torch.arange(64).view(2, 32)  # iterabre.selfgen is tested on its own; here only the wiring
     monkeypatch.setattr(iterabre.selfgen, "generate_calibration", lambda model, tok, n, seq_len, seed: fake[:n])
-    wiki = steps.load_data(steps.prepare_data(_cfg(calibration_tokens=64), tiny_dir, tmp_path / "w", [32]))
+    wiki = steps.load_data(steps.prepare_data(_cfg(calibration_tokens=64), tiny_model_dir, tmp_path / "w", [32]))
     cfg = _cfg(calibration="self-generated", calibration_tokens=64)
-    gen = steps.load_data(steps.prepare_data(cfg, tiny_dir, tmp_path / "g", [32]))
+    gen = steps.load_data(steps.prepare_data(cfg, tiny_model_dir, tmp_path / "g", [32]))
     assert torch.equal(gen["calib"], fake) and torch.equal(gen["recovery"], wiki["recovery"])
     monkeypatch.setitem(sys.modules, "iterabre.selfgen", None)  # module missing -> one-line error
     with pytest.raises(IterabreError, match="selfgen"):
-        steps.prepare_data(cfg, tiny_dir, tmp_path / "x", [32])
+        steps.prepare_data(cfg, tiny_model_dir, tmp_path / "x", [32])
 
 
-def test_score_prune_recover_evaluate_chain(tiny_dir, tmp_path):
-    data = steps.prepare_data(_cfg(), tiny_dir, tmp_path, budgets=[64])
-    scored = steps.score(tiny_dir, data, "output", 1, "cpu")
+def test_score_prune_recover_evaluate_chain(tiny_model_dir, tmp_path):
+    data = steps.prepare_data(_cfg(), tiny_model_dir, tmp_path, budgets=[64])
+    scored = steps.score(tiny_model_dir, data, "output", 1, "cpu")
     assert sorted(scored["scores"]) == list(range(6)) and scored["order"] == list(range(6))
     remove = steps.plan_removal(scored["scores"], 2, "output", scored["order"])
-    pruned = steps.prune(tiny_dir, remove, tmp_path / "pruned")
+    pruned = steps.prune(tiny_model_dir, remove, tmp_path / "pruned")
     assert steps.num_layers(pruned) == 4
     assert json.loads((pruned / "config.json").read_text())["iterabre_original_layers"] == \
         [i for i in range(6) if i not in remove]
     rec = dataclasses.asdict(RecoveryConfig(tokens=64, batch_size=2, lr=1e-3))
-    result = steps.recover(pruned, tiny_dir, data, rec, remove, (0, 2), tmp_path / "healed", "cpu")
+    result = steps.recover(pruned, tiny_model_dir, data, rec, remove, (0, 2), tmp_path / "healed", "cpu")
     assert result["tokens"] >= 64 and result["loss_before"] is not None and len(result["losses"]) >= 1
     assert steps.hash_path(tmp_path / "healed") != steps.hash_path(pruned)  # weights were trained
     assert steps.num_layers(tmp_path / "healed") == 4
     assert steps.evaluate(tmp_path / "healed", "", None, "cpu") == {}
 
 
-def test_prepare_base_skips_when_present(tiny_dir, tmp_path):
-    cfg = _cfg(model=str(tiny_dir))
+def test_prepare_base_skips_when_present(tiny_model_dir, tmp_path):
+    cfg = _cfg(model=str(tiny_model_dir))
     out = steps.prepare_base(cfg, tmp_path, "h1")
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     assert steps.prepare_base(cfg, tmp_path, "h1") == out
