@@ -118,14 +118,18 @@ def prepare(s: dict, work: Path):
     return base, tokenizer, data
 
 
-def evaluate(model, tokenizer, limits: dict) -> dict:
-    """lm-eval metrics per task, each task with its own document limit, on the model's device."""
+def evaluate(model, tokenizer, limits: dict, batch_size: int = 32) -> dict:
+    """lm-eval metrics per task, each task with its own document limit, on the model's device.
+
+    Batch 32: BLiMP / XCOPA requests are 10-40 tokens, and batches of 8 leave the CPU matmuls too
+    small (docs/EVALUATION.md); the numbers do not depend on it beyond float rounding.
+    """
     from iterabre.evaluation import evaluate as run_eval
 
     device = str(next(model.parameters()).device)
     out = {}
     for task, limit in limits.items():
-        out.update(run_eval(model, tokenizer, task, limit=limit, batch_size=8, device=device))
+        out.update(run_eval(model, tokenizer, task, limit=limit, batch_size=batch_size, device=device))
     return out
 
 

@@ -175,10 +175,15 @@ def token_windows(tokenizer, documents: list[str], seq_len: int) -> torch.Tensor
 
 def split_windows(windows: torch.Tensor, n_calib: int, n_recovery: int, n_heldout: int,
                   seed: int = 0) -> dict[str, torch.Tensor]:
-    """Disjoint random subsets {calib, recovery, heldout} of the windows (rows of one permutation)."""
+    """Disjoint random subsets {calib, recovery, heldout} of the windows (rows of one permutation).
+
+    The slices are taken in the order calibration, held-out, recovery, so for a given seed the
+    calibration and held-out text do not depend on the recovery budget: held-out numbers of jobs
+    with different budgets or schedules are measured on the same text and can be compared.
+    """
     import torch
 
-    sizes = {"calib": n_calib, "recovery": n_recovery, "heldout": n_heldout}
+    sizes = {"calib": n_calib, "heldout": n_heldout, "recovery": n_recovery}
     if min(sizes.values()) < 0:
         raise IterabreError(f"window counts must be >= 0, got {sizes}.", "pass non-negative counts")
     need, have = sum(sizes.values()), windows.shape[0]

@@ -5,7 +5,9 @@ The math lives in pure functions over tensors (`forward_kl`, `next_token_ce`, `h
 tokens, computed in float32 on the selected rows only, so whatever sits in padded
 positions (even inf/NaN) cannot leak into the loss. Rows are processed in chunks so the
 float32 softmax intermediates of a big vocabulary (49k-150k) never exist for all tokens
-at once; under autograd each chunk is checkpointed, so they are not kept for backward either.
+at once. The KL term has a hand-written backward (`_FusedForwardKL`) that keeps nothing of
+size [N,V] and makes about half the passes over the logits of plain autograd
+(`forward_kl_reference`, which the tests compare it against); CE chunks are checkpointed.
 """
 
 from __future__ import annotations
@@ -25,15 +27,58 @@ def _valid_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if x.shape[:2] != mask.shape:
         raise IterabreError(f"tensor of shape {tuple(x.shape)} does not match mask {tuple(mask.shape)}.",
                             "pass an attention_mask with the same [batch, seq] shape as the logits")
-    return x.reshape(-1, x.shape[-1])[mask.reshape(-1).bool()]
+    rows, keep = x.reshape(-1, x.shape[-1]), mask.reshape(-1).bool()
+    # No padding (recovery windows are full slices of a token stream): a view, not a [N,V] copy
+    # whose backward would also scatter into a zero-filled [B*T,V] gradient.
+    return rows if bool(keep.all()) else rows[keep]
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T in float32; at T == 1 no extra [N,V] pass (and none in backward) for a no-op divide."""
+    logits = logits.float()
+    return logits if temperature == 1 else logits / temperature
 
 
 def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Sum over rows of KL(softmax(t/T) || softmax(s/T)); [N,V] x [N,V] -> scalar (float32)."""
-    log_q = F.log_softmax(student.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
+    log_q = F.log_softmax(_scaled(student, temperature), dim=-1)
+    log_p = F.log_softmax(_scaled(teacher, temperature), dim=-1)
     # p * (log p - log q); p == 0 gives 0 * finite, never NaN, since log_softmax is finite.
     return (log_p.exp() * (log_p - log_q)).sum()
+
+
+class _FusedForwardKL(torch.autograd.Function):
+    """Sum over rows of KL(softmax(t/T) || softmax(s/T)) with its analytic gradient (q - p) / T.
+
+    Per row, KL = sum_v p_v (zt_v - zs_v) - lse(zt) + lse(zs), because log p = zt - lse(zt),
+    log q = zs - lse(zs) and sum p = 1: one softmax, two logsumexps and a dot product, instead of
+    two log_softmaxes, exp, sub and mul kept for autograd. Nothing of size [N,V] is saved (only
+    the inputs, which the caller holds anyway); backward recomputes q and p one chunk at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, temperature: float, chunk: int):  # [N,V], [N,V] -> scalar
+        total = student.new_zeros((), dtype=torch.float32)
+        for start in range(0, student.shape[0], chunk):
+            zs = _scaled(student[start:start + chunk], temperature)  # [n,V] float32
+            zt = _scaled(teacher[start:start + chunk], temperature)
+            p = torch.softmax(zt, dim=-1)
+            total += torch.dot(p.reshape(-1), (zt - zs).reshape(-1))
+            total += torch.logsumexp(zs, dim=-1).sum() - torch.logsumexp(zt, dim=-1).sum()
+        ctx.save_for_backward(student, teacher)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        student, teacher = ctx.saved_tensors
+        temperature, out = ctx.temperature, torch.empty_like(student)
+        for start in range(0, student.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            q = torch.softmax(_scaled(student[rows], temperature), dim=-1)  # [n,V] float32
+            q -= torch.softmax(_scaled(teacher[rows], temperature), dim=-1)
+            out[rows] = q.mul_(grad / temperature)
+        return out, None, None, None
 
 
 def _ce_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -65,9 +110,16 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
         raise IterabreError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                             f"{tuple(teacher_logits.shape)} differ.", "distil between models with the same vocabulary")
     s, t = _valid_rows(student_logits, mask), _valid_rows(teacher_logits, mask)  # [N,V]
-    total = _chunked_sum(_kl_rows, (s, t), chunk, temperature)
+    total = _FusedForwardKL.apply(s, t.detach(), temperature, chunk)
     # T^2 keeps gradient magnitudes comparable across temperatures (Hinton et al. 2015).
     return total * temperature**2 / max(s.shape[0], 1)
+
+
+def forward_kl_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                         temperature: float = 1.0, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """`forward_kl` through plain autograd (log_softmax twice, checkpointed chunks): the slow reference."""
+    s, t = _valid_rows(student_logits, mask), _valid_rows(teacher_logits, mask)  # [N,V]
+    return _chunked_sum(_kl_rows, (s, t), chunk, temperature) * temperature**2 / max(s.shape[0], 1)
 
 
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,

@@ -177,43 +177,63 @@ def budget_schedule_name(name: str) -> str:
 
 
 def final_budget(total_tokens: int, num_steps: int, schedule: str = "equal",
-                 final_share: float = CompressConfig.final_share) -> int:
+                 final_share: float = CompressConfig.final_share, unit: int = 1) -> int:
     """Tokens of the recovery phase after the last removal: share * total for 'final', else 0.
 
     One step (one-shot) has nothing after its single recovery to add, so it keeps the whole budget.
     """
     if budget_schedule_name(schedule) != "final" or num_steps < 2:
         return 0
-    return round(total_tokens * final_share)
+    return round(total_tokens // unit * final_share) * unit
+
+
+def split_units(units: int, weights: list[int]) -> list[int]:
+    """`units` split in proportion to `weights` (largest remainder, ties to later steps); sums to `units`."""
+    total = sum(weights)
+    out = [units * w // total for w in weights]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (units * weights[i] % total, i), reverse=True)
+    for i in by_remainder[:units - sum(out)]:
+        out[i] += 1
+    return out
 
 
 def step_budgets(total_tokens: int, num_steps: int, schedule: str = "equal",
-                 final_share: float = CompressConfig.final_share) -> list[int]:
-    """Split the recovery budget over steps (see `budget_plan` for what each schedule does)."""
+                 final_share: float = CompressConfig.final_share, unit: int = 1) -> list[int]:
+    """Split the recovery budget over steps in whole `unit`s (see `budget_plan` for each schedule).
+
+    `unit` is the tokens of one micro-batch: a phase trains whole micro-batches, so a budget that
+    is not a multiple of it would be rounded up by the training loop and the job would overspend.
+    """
     schedule = budget_schedule_name(schedule)
     if num_steps < 1:
         return []
-    pool = total_tokens - final_budget(total_tokens, num_steps, schedule, final_share)
+    pool = total_tokens // unit - final_budget(total_tokens, num_steps, schedule, final_share, unit) // unit
     # increasing: step i gets weight i, because later removals cut a model that is already weaker
     weights = list(range(1, num_steps + 1)) if schedule == "increasing" else [1] * num_steps
-    budgets = [pool * w // sum(weights) for w in weights]
-    budgets[-1] += pool - sum(budgets)  # integer remainder goes to the last step
-    return budgets
+    return [n * unit for n in split_units(pool, weights)]
+
+
+def micro_batch_tokens(cfg: CompressConfig) -> int:
+    """Tokens in one recovery micro-batch: the unit every phase's budget is a multiple of."""
+    return cfg.recovery.batch_size * cfg.seq_len
 
 
 def budget_plan(cfg: CompressConfig, num_steps: int) -> dict:
     """How a job spends cfg.recovery_tokens: per-step budgets, a final phase, a pool for carried tokens.
 
-    equal / increasing / final: sum(steps) + final == total exactly. adaptive: steps start equal;
+    Every budget is whole micro-batches (`micro_batch_tokens`), so each phase trains exactly its
+    budget; equal / increasing / final: sum(steps) + final == the total rounded down to whole
+    micro-batches (`usable`). adaptive: steps start equal;
     a step that stops early hands its unused tokens to the next (`next_carry`), whose extra
     windows come from `carry_pool` tokens reserved after the step windows (the most that can
     ever be carried is everything but the last step's share).
     """
-    schedule = budget_schedule_name(cfg.budget_schedule)
-    budgets = step_budgets(cfg.recovery_tokens, num_steps, schedule, cfg.final_share)
+    schedule, unit = budget_schedule_name(cfg.budget_schedule), micro_batch_tokens(cfg)
+    budgets = step_budgets(cfg.recovery_tokens, num_steps, schedule, cfg.final_share, unit)
     pool = sum(budgets[:-1]) if schedule == "adaptive" else 0
-    return {"schedule": schedule, "total": cfg.recovery_tokens, "steps": budgets,
-            "final": final_budget(cfg.recovery_tokens, num_steps, schedule, cfg.final_share), "carry_pool": pool}
+    return {"schedule": schedule, "total": cfg.recovery_tokens, "usable": cfg.recovery_tokens // unit * unit,
+            "micro_batch_tokens": unit, "steps": budgets,
+            "final": final_budget(cfg.recovery_tokens, num_steps, schedule, cfg.final_share, unit), "carry_pool": pool}
 
 
 def data_budgets(plan: dict) -> list[int]:
@@ -357,7 +377,8 @@ def prepare_data(cfg: CompressConfig, model_dir: str | os.PathLike, work_dir: st
 
 def split_layout(cfg: CompressConfig, n_calib: int, n_recovery: int, available: int) -> dict:
     """Where every set of windows sits, for report.json: [start, stop) positions in one seeded
-    permutation of the wikitext-2 valid windows (calibration, then recovery, then held-out).
+    permutation of the wikitext-2 valid windows (calibration, then held-out, then recovery, as
+    `iterabre.data.split_windows` cuts them: the first two do not move when the budget changes).
 
     Position p is window w = `torch.randperm(windows_available, seed)[p]`, i.e. tokens
     [w * seq_len, (w + 1) * seq_len) of the tokenized valid text: disjoint ranges are disjoint text.
@@ -370,8 +391,8 @@ def split_layout(cfg: CompressConfig, n_calib: int, n_recovery: int, available: 
         calib["source"] = "self-generated by the base model"
     return {"source": "wikitext-2 valid", "seq_len": cfg.seq_len, "seed": cfg.seed,
             "windows_available": available, "calibration": calib,
-            "recovery": span(n_calib, n_calib + n_recovery),
-            "heldout": span(n_calib + n_recovery, n_calib + n_recovery + n_calib),
+            "heldout": span(n_calib, 2 * n_calib),
+            "recovery": span(2 * n_calib, 2 * n_calib + n_recovery),
             "evaluation": "lm-eval tasks on wikitext-2 test, BLiMP and XCOPA (never wikitext-2 valid)"}
 
 

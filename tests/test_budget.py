@@ -14,19 +14,34 @@ from iterabre.tiny import byte_tokenizer, tiny_model
 
 
 def _cfg(**kw) -> CompressConfig:
-    base = dict(model="x", target_layers=4, calibration_tokens=128, recovery_tokens=1000, seq_len=32,
-                eval_tasks="", device="cpu")
+    """A config whose micro-batch is 1 x 32 tokens, so budgets are multiples of 32."""
+    base = dict(model="x", target_layers=4, calibration_tokens=128, recovery_tokens=1024, seq_len=32,
+                eval_tasks="", device="cpu", recovery=RecoveryConfig(batch_size=1))
     return CompressConfig(**{**base, **kw})
 
 
 # ---------------------------------------------------------------- schedules (pure)
 
-@pytest.mark.parametrize("total, n", [(1000, 4), (1001, 3), (8192, 6), (7, 5)])
-def test_every_schedule_spends_exactly_the_total(total, n):
+@pytest.mark.parametrize("total, n, batch", [(1000, 4, 1), (1001, 3, 4), (8192, 6, 4), (7, 5, 1), (8192, 4, 4)])
+def test_every_schedule_spends_exactly_the_total_in_whole_micro_batches(total, n, batch):
+    unit = 32 * batch
     for schedule in steps.BUDGET_SCHEDULES:
-        plan = steps.budget_plan(_cfg(recovery_tokens=total, budget_schedule=schedule), n)
+        plan = steps.budget_plan(_cfg(recovery_tokens=total, budget_schedule=schedule,
+                                      recovery=RecoveryConfig(batch_size=batch)), n)
         assert len(plan["steps"]) == n and min(plan["steps"]) >= 0
-        assert sum(plan["steps"]) + plan["final"] == total, schedule
+        assert all(b % unit == 0 for b in plan["steps"] + [plan["final"]]), schedule
+        assert sum(plan["steps"]) + plan["final"] == plan["usable"] == total - total % unit, schedule
+
+
+def test_phases_train_exactly_their_budget_so_schedules_compare_at_equal_tokens():
+    """plan_steps on full windows spends a whole-micro-batch budget exactly (no round-up)."""
+    plan = steps.budget_plan(_cfg(recovery_tokens=8192, budget_schedule="increasing", seq_len=128,
+                                  recovery=RecoveryConfig(batch_size=4)), 4)
+    mask = torch.ones(64, 128, dtype=torch.long)
+    used = [sum(int(mask[i].sum()) for micro in plan_steps(mask, 4, 1, budget, seed=0) for i in micro)
+            for budget in plan["steps"]]
+    assert used == plan["steps"] and sum(used) == 8192
+    assert plan["steps"] == sorted(plan["steps"]) and plan["steps"][0] < plan["steps"][-1]
 
 
 def test_schedule_shapes():
@@ -35,13 +50,14 @@ def test_schedule_shapes():
     increasing = steps.step_budgets(1000, 4, "increasing")
     assert increasing == [100, 200, 300, 400]  # weights 1..S
     assert steps.step_budgets(1000, 4, "linear") == increasing  # old name still accepted
-    final = steps.budget_plan(_cfg(budget_schedule="final", final_share=0.2), 4)
-    assert final["steps"] == [200, 200, 200, 200] and final["final"] == 200 and final["carry_pool"] == 0
+    final = steps.budget_plan(_cfg(recovery_tokens=1280, budget_schedule="final", final_share=0.2), 4)
+    assert final["steps"] == [256, 256, 256, 256] and final["final"] == 256 and final["carry_pool"] == 0
     adaptive = steps.budget_plan(_cfg(budget_schedule="adaptive"), 4)
-    assert adaptive["steps"] == equal and adaptive["final"] == 0
-    assert adaptive["carry_pool"] == 750  # at most everything but the last share can be carried
-    assert steps.data_budgets(adaptive) == [250, 250, 250, 250, 750]
-    assert steps.data_budgets(final) == [200, 200, 200, 200, 200]
+    assert adaptive["steps"] == [256, 256, 256, 256] and adaptive["final"] == 0
+    assert adaptive["carry_pool"] == 768  # at most everything but the last share can be carried
+    assert steps.data_budgets(adaptive) == [256, 256, 256, 256, 768]
+    assert steps.data_budgets(final) == [256, 256, 256, 256, 256]
+    assert steps.step_budgets(1000, 4, "increasing", unit=128) == [128, 128, 256, 384]  # 7 units: 1,1,2,3
 
 
 def test_one_shot_gets_the_whole_budget_in_its_single_recovery():
@@ -49,7 +65,7 @@ def test_one_shot_gets_the_whole_budget_in_its_single_recovery():
     n = len(steps.num_steps_for(cfg, 6))
     for schedule in steps.BUDGET_SCHEDULES:
         plan = steps.budget_plan(_cfg(budget_schedule=schedule), n)
-        assert plan["steps"] == [1000] and plan["final"] == 0 and plan["carry_pool"] == 0, schedule
+        assert plan["steps"] == [1024] and plan["final"] == 0 and plan["carry_pool"] == 0, schedule
 
 
 def test_unknown_schedule_is_refused_before_compute_with_the_valid_names():
@@ -168,6 +184,18 @@ def test_data_layout_names_the_windows_really_used(tiny_model_dir, tmp_path):
     assert all(set(range(*w)) <= set(spans[1]) for w in step_windows)
 
 
+def test_calibration_and_heldout_text_do_not_depend_on_the_budget(tiny_model_dir, tmp_path):
+    """Jobs with other budgets / schedules are scored and held out on the same text (same seed)."""
+    made = []
+    for i, (tokens, schedule) in enumerate([(128, "equal"), (1024, "adaptive")]):
+        cfg = _cfg(calibration_tokens=96, recovery_tokens=tokens, budget_schedule=schedule)
+        budgets = steps.data_budgets(steps.budget_plan(cfg, 2))
+        made.append(steps.load_data(steps.prepare_data(cfg, tiny_model_dir, tmp_path / str(i), budgets)))
+    assert made[0]["recovery"].shape[0] < made[1]["recovery"].shape[0]
+    assert torch.equal(made[0]["calib"], made[1]["calib"]) and torch.equal(made[0]["heldout"], made[1]["heldout"])
+    assert torch.equal(made[0]["recovery"], made[1]["recovery"][:made[0]["recovery"].shape[0]])
+
+
 def test_evaluation_reads_the_test_split_only():
     from iterabre.evaluation.tasks import utils as task_utils
 
@@ -217,12 +245,13 @@ def test_flow_final_phase_with_previous_teacher(tiny_model_dir, tmp_path):
     cfg = _flow_config(tiny_model_dir, tmp_path / "out", recovery_tokens=512, budget_schedule="final",
                        final_share=0.25, teacher="previous")
     report = run_from_cli(cfg)
-    assert report["budget"]["steps"] == [192, 192] and report["budget"]["final"] == 128
+    assert report["budget"]["steps"] == [128, 256] and report["budget"]["final"] == 128  # 4 micro-batches of 128
     assert [s["teacher"] for s in report["steps"]] == ["previous", "previous"]
     assert [s["teacher_layers"] for s in report["steps"]] == [6, 5]  # the model before each removal
     final = report["final_recovery"]
     assert final["removed"] == [] and final["num_layers"] == 4 and final["teacher_layers"] == 5
-    assert final["checkpoint"].endswith("final-recovery") and final["recovery"]["tokens"] >= 128
+    assert final["checkpoint"].endswith("final-recovery") and final["recovery"]["tokens"] == 128
+    assert report["budget"]["used"] == [128, 256, 128] and report["budget"]["used_total"] == 512  # no overspend
     windows = [tuple(w) for s in report["steps"] + [final] for w in s["recovery_windows"]]
     assert len(windows) == 3 and all(a[1] <= b[0] for a, b in zip(windows, windows[1:]))  # disjoint, in order
     _assert_disjoint_windows(report)
