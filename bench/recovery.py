@@ -63,14 +63,33 @@ def run_iterabre(teacher, template, ids, size: dict) -> dict:
     from iterabre.config import RecoveryConfig
     from iterabre.recovery import recover
 
-    student = copy.deepcopy(template)
+    student, marks = copy.deepcopy(template), []
     cfg = RecoveryConfig(method="kd", trainable="all", tokens=ids.numel(), batch_size=size["batch_size"],
                          lr=LR, lr_schedule="cosine", max_loss_ratio=None)
     start = time.perf_counter()
-    res = recover(student, teacher, ids, torch.ones_like(ids), cfg, removed=REMOVED)
+    res = recover(student, teacher, ids, torch.ones_like(ids), cfg, removed=REMOVED,
+                  progress=lambda info: marks.append(clocks()))
     wall = time.perf_counter() - start
     return {"wall_s": wall, "train_s": res.tokens / res.tokens_per_s, "tokens": res.tokens,
-            "steps": res.steps, "final_loss": res.losses[-1][1] if res.losses else None}
+            "steps": res.steps, "final_loss": res.losses[-1][1] if res.losses else None, **steady(marks)}
+
+
+def clocks() -> tuple[float, float]:
+    """(wall, this process's CPU) seconds now."""
+    return time.perf_counter(), time.process_time()
+
+
+def steady(marks: list[tuple[float, float]]) -> dict:
+    """Wall and CPU seconds per optimizer step between the first and the last step's end.
+
+    Leaves out step 1 (optimizer state allocation, first-touch page faults). CPU time is what
+    this process itself used, so time slices lost to other jobs on a shared CPU do not count.
+    """
+    n = len(marks) - 1
+    if n < 1:
+        return {"steady_wall_s_per_step": None, "steady_cpu_s_per_step": None}
+    return {"steady_wall_s_per_step": (marks[-1][0] - marks[0][0]) / n,
+            "steady_cpu_s_per_step": (marks[-1][1] - marks[0][1]) / n}
 
 
 def kd_trainer_class():
@@ -100,6 +119,17 @@ def kd_trainer_class():
     return KDTrainer
 
 
+def step_marks_callback(marks: list):
+    """A TrainerCallback that records `clocks()` at the end of every optimizer step."""
+    from transformers import TrainerCallback
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append(clocks())
+
+    return Marks()
+
+
 def run_trainer(teacher, template, ids, size: dict) -> dict:
     """One Trainer.train() on a fresh student copy with the same steps, lr schedule and clipping."""
     import torch
@@ -114,13 +144,15 @@ def run_trainer(teacher, template, ids, size: dict) -> dict:
             learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=round(0.05 * size["steps"]),
             weight_decay=0.0, max_grad_norm=1.0, save_strategy="no", logging_strategy="no",
             report_to="none", use_cpu=True, disable_tqdm=True, remove_unused_columns=False, seed=0)
-        trainer = kd_trainer_class()(model=student, args=args, train_dataset=data, teacher=teacher)
+        marks = []
+        trainer = kd_trainer_class()(model=student, args=args, train_dataset=data, teacher=teacher,
+                                     callbacks=[step_marks_callback(marks)])
         start = time.perf_counter()
         metrics = trainer.train().metrics
         wall = time.perf_counter() - start
     tokens = size["steps"] * size["batch_size"] * size["seq_len"]
     return {"wall_s": wall, "train_s": wall, "tokens": tokens, "steps": size["steps"],
-            "final_loss": metrics.get("train_loss")}
+            "final_loss": metrics.get("train_loss"), **steady(marks)}
 
 
 RUNNERS = {"iterabre": run_iterabre, "hf_trainer": run_trainer}
@@ -147,8 +179,12 @@ def summarise(runs: dict) -> dict:
     for v, rs in runs.items():
         out[v] = {"tokens": rs[0]["tokens"],
                   "train_tokens_per_s": common.median([r["tokens"] / r["train_s"] for r in rs]),
-                  "call_tokens_per_s": common.median([r["tokens"] / r["wall_s"] for r in rs])}
-    for key, field in (("train_tokens_per_s", "train_s"), ("call_tokens_per_s", "wall_s")):
+                  "call_tokens_per_s": common.median([r["tokens"] / r["wall_s"] for r in rs]),
+                  **{f"steady_{c}_tokens_per_s": common.median([r["tokens"] / r["steps"] / r[f"steady_{c}_s_per_step"]
+                                                                for r in rs]) for c in ("wall", "cpu")}}
+    for key, field in (("train_tokens_per_s", "train_s"), ("call_tokens_per_s", "wall_s"),
+                       ("steady_wall_tokens_per_s", "steady_wall_s_per_step"),
+                       ("steady_cpu_tokens_per_s", "steady_cpu_s_per_step")):
         # tokens/s ratio = Trainer time / iterabre time (same token count in both)
         stats = common.ratio_stats([r[field] for r in runs["hf_trainer"]], [r[field] for r in runs["iterabre"]])
         out[f"ratio_{key}"], out[f"ratio_{key}_stats"] = stats["paired"], stats
@@ -186,12 +222,15 @@ def main() -> None:
         result["memory"] = memory(args)
     s, mem = result["summary"], result.get("memory", {})
     rows = [[v, s[v]["tokens"], s[v]["train_tokens_per_s"], s[v]["call_tokens_per_s"],
+             s[v]["steady_wall_tokens_per_s"], s[v]["steady_cpu_tokens_per_s"],
              mem.get(v, {}).get("peak_mb"), mem.get(v, {}).get("training_mb")] for v in VARIANTS]
-    rows.append(["iterabre / trainer", None, s["ratio_train_tokens_per_s"], s["ratio_call_tokens_per_s"], None, None])
+    rows.append(["iterabre / trainer", None, s["ratio_train_tokens_per_s"], s["ratio_call_tokens_per_s"],
+                 s["ratio_steady_wall_tokens_per_s"], s["ratio_steady_cpu_tokens_per_s"], None, None])
     size = result["sizes"]
     common.print_table(f"KD recovery, SmolLM2 24-block student, batch {size['batch_size']} x {size['seq_len']}, "
                        f"{size['steps']} steps, {size['repeats']} repeats",
-                       ["variant", "tokens/run", "train tok/s", "whole-call tok/s", "peak RSS MiB",
+                       ["variant", "tokens/run", "train tok/s", "whole-call tok/s", "steady tok/s",
+                        "steady CPU tok/s", "peak RSS MiB",
                         "+MiB in training"], rows)
     path = common.write_json("recovery", {"machine": common.machine_info(), "quick": args.quick,
                                           "removed": REMOVED, "lr": LR, "target": "iterabre >= Trainer tokens/s",
