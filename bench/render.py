@@ -1,6 +1,6 @@
 """Print the latest bench/results/*.json as Markdown tables, for pasting into docs/BENCHMARKS.md.
 
-    .venv/bin/python bench/render.py [scoring recovery pruned_speed overhead quality]
+    .venv/bin/python bench/render.py [scoring recovery pruned_speed overhead quality budget_study]
 """
 
 from __future__ import annotations
@@ -45,11 +45,14 @@ def scoring(d: dict) -> str:
 def recovery(d: dict) -> str:
     """recover() vs Trainer table."""
     s, mem = d["summary"], d.get("memory", {})
+    steady = [f"steady_{c}_tokens_per_s" for c in ("wall", "cpu")]
     rows = [[v, s[v]["tokens"], s[v]["train_tokens_per_s"], s[v]["call_tokens_per_s"],
-             mem.get(v, {}).get("peak_mb"), mem.get(v, {}).get("training_mb")] for v in ("iterabre", "hf_trainer")]
-    rows.append(["iterabre / Trainer", None, s["ratio_train_tokens_per_s"], s["ratio_call_tokens_per_s"], None, None])
-    return md(["variant", "tokens per run", "train-loop tok/s", "whole-call tok/s", "peak RSS MiB",
-               "+MiB while training"], rows)
+             *[s[v].get(k) for k in steady], mem.get(v, {}).get("peak_mb"), mem.get(v, {}).get("training_mb")]
+            for v in ("iterabre", "hf_trainer")]
+    rows.append(["iterabre / Trainer", None, s["ratio_train_tokens_per_s"], s["ratio_call_tokens_per_s"],
+                 *[s.get(f"ratio_{k}") for k in steady], None, None])
+    return md(["variant", "tokens per run", "train-loop tok/s", "whole-call tok/s", "steady-state tok/s",
+               "steady-state CPU tok/s", "peak RSS MiB", "+MiB while training"], rows)
 
 
 def pruned_speed(d: dict) -> str:
@@ -86,8 +89,29 @@ def quality(d: dict) -> str:
     return main + "\n\nXCOPA per language:\n\n" + md(["method", *XCOPA_LANGS], langs)
 
 
+def budget_study(d: dict) -> str:
+    """The budget study's tables: base + lr check, main (mean ± sd), paired differences, deep, large."""
+    import budget_study as bs
+
+    units, s = d["units"], d["settings"]
+    metrics = bs.shown_metrics(units)
+    names = [label for _, label in metrics]
+    single = ["unit", "lr", "KD tokens", "wiki ppl", "BLiMP ± se", "XCOPA ± se", "avg acc", "held-out KD", "removed"]
+    parts = [f"Base and lr check (one-shot output, {s['blocks']} blocks, seed 0):\n\n"
+             + md(single, bs.single_rows(units, ("base", "lr"))),
+             f"Main ({s['blocks']} blocks, {s['budget']} KD tokens, mean ± sd over seeds {s['seeds']}):\n\n"
+             + md(["method", *names, "held-out KD", "removed per seed"], bs.main_rows(units, metrics)),
+             "Paired by seed (same data), method minus one-shot output:\n\n"
+             + md(["difference", *names], bs.paired_rows(units, metrics))]
+    for exp in ("deep", "large"):
+        rows = bs.single_rows(units, (exp,))
+        if rows:
+            parts.append(f"{exp} (single seed):\n\n" + md(single, rows))
+    return "\n\n".join(parts)
+
+
 RENDER = {"scoring": scoring, "recovery": recovery, "pruned_speed": pruned_speed, "overhead": overhead,
-          "quality": quality}
+          "quality": quality, "budget_study": budget_study}
 
 
 def main() -> None:
@@ -98,7 +122,7 @@ def main() -> None:
             print(f"## {name}\n\n(no results yet)\n")
             continue
         data = json.loads(path.read_text())
-        kind = "quality" if name.startswith("quality") else name
+        kind = next((k for k in ("quality", "budget_study") if name.startswith(k)), name)
         print(f"## {name}{' (quick)' if data.get('quick') else ''}\n\n{machine_line(data['machine'])}\n")
         print(RENDER[kind](data) + "\n")
 
