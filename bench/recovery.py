@@ -5,9 +5,11 @@ windows, batch size, sequence length, optimizer steps, lr schedule and clipping.
 baseline is what a user would write by hand: a `Trainer` subclass whose `compute_loss`
 runs the teacher under no_grad and returns the forward KL over non-padding tokens.
 Runs alternate (A B B A ...) on fresh student copies; tokens/s is the median.
-Peak memory: max RSS of each variant in its own fresh process.
+Peak memory: max RSS (CPU) or the CUDA allocator's peak of each variant in its own process.
+On a GPU (`--device cuda`) both run in bf16 autocast and the table adds MFU: achieved FLOP/s
+(bench/flops.py) over the GPU's dense bf16 peak.
 
-    .venv/bin/python bench/recovery.py [--quick]
+    .venv/bin/python bench/recovery.py [--quick] [--device cuda [--peak-tflops N]]
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     common.add_common_args(p)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--no-memory", action="store_true", help="skip the child-process memory runs")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (CUDA: bf16 autocast for both)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: table)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # variant name: memory probe
     return p.parse_args()
 
@@ -43,17 +47,22 @@ def sizes(quick: bool) -> dict:
     return dict(batch_size=4, seq_len=128, steps=8, repeats=3)
 
 
-def setup(size: dict):
-    """(teacher, pruned student template, windows [N,T]) on CPU."""
+def setup(size: dict, device: str = "cpu"):
+    """(teacher, pruned student template, windows [N,T]) on `device`."""
     from iterabre.data import load_documents, token_windows
     from iterabre.models import load_model
     from iterabre.surgery import remove_blocks
 
-    teacher, tokenizer = load_model("smollm2-135m")
+    teacher, tokenizer = load_model("smollm2-135m", device=device)
     student = remove_blocks(copy.deepcopy(teacher), REMOVED)
     n = size["batch_size"] * size["steps"]
     ids = token_windows(tokenizer, load_documents("wikitext", "valid")[:40], size["seq_len"])[:n]
     return teacher, student, ids
+
+
+def _device(model) -> str:
+    """'cuda' or 'cpu': where the model's weights are."""
+    return next(model.parameters()).device.type
 
 
 def run_iterabre(teacher, template, ids, size: dict) -> dict:
@@ -67,7 +76,7 @@ def run_iterabre(teacher, template, ids, size: dict) -> dict:
     cfg = RecoveryConfig(method="kd", trainable="all", tokens=ids.numel(), batch_size=size["batch_size"],
                          lr=LR, lr_schedule="cosine", max_loss_ratio=None)
     start = time.perf_counter()
-    res = recover(student, teacher, ids, torch.ones_like(ids), cfg, removed=REMOVED,
+    res = recover(student, teacher, ids, torch.ones_like(ids), cfg, removed=REMOVED, device=_device(teacher),
                   progress=lambda info: marks.append(clocks()))
     wall = time.perf_counter() - start
     return {"wall_s": wall, "train_s": res.tokens / res.tokens_per_s, "tokens": res.tokens,
@@ -75,7 +84,11 @@ def run_iterabre(teacher, template, ids, size: dict) -> dict:
 
 
 def clocks() -> tuple[float, float]:
-    """(wall, this process's CPU) seconds now."""
+    """(wall, this process's CPU) seconds now, after the GPU's queued work (if any) has finished."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return time.perf_counter(), time.process_time()
 
 
@@ -135,7 +148,7 @@ def run_trainer(teacher, template, ids, size: dict) -> dict:
     import torch
     from transformers import TrainingArguments
 
-    student = copy.deepcopy(template).train()
+    student, cuda = copy.deepcopy(template).train(), _device(teacher) == "cuda"
     teacher.eval().requires_grad_(False)
     data = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as out:
@@ -143,13 +156,13 @@ def run_trainer(teacher, template, ids, size: dict) -> dict:
             output_dir=out, per_device_train_batch_size=size["batch_size"], max_steps=size["steps"],
             learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=round(0.05 * size["steps"]),
             weight_decay=0.0, max_grad_norm=1.0, save_strategy="no", logging_strategy="no",
-            report_to="none", use_cpu=True, disable_tqdm=True, remove_unused_columns=False, seed=0)
+            report_to="none", use_cpu=not cuda, bf16=cuda, disable_tqdm=True, remove_unused_columns=False, seed=0)
         marks = []
         trainer = kd_trainer_class()(model=student, args=args, train_dataset=data, teacher=teacher,
                                      callbacks=[step_marks_callback(marks)])
-        start = time.perf_counter()
+        start = clocks()[0]
         metrics = trainer.train().metrics
-        wall = time.perf_counter() - start
+        wall = clocks()[0] - start
     tokens = size["steps"] * size["batch_size"] * size["seq_len"]
     return {"wall_s": wall, "train_s": wall, "tokens": tokens, "steps": size["steps"],
             "final_loss": metrics.get("train_loss"), **steady(marks)}
@@ -160,17 +173,36 @@ RUNNERS = {"iterabre": run_iterabre, "hf_trainer": run_trainer}
 
 def compare(args) -> dict:
     """Alternate the two variants; collect per-run results."""
+    from iterabre.models import resolve_device
+
     size = sizes(args.quick)
     if args.repeats:
         size["repeats"] = args.repeats
-    teacher, template, ids = setup(size)
+    teacher, template, ids = setup(size, resolve_device(args.device))
     runs = {v: [] for v in VARIANTS}
     for r in range(size["repeats"] + 1):  # round 0 is the warm-up and is not counted
         for v in VARIANTS if r % 2 == 0 else reversed(VARIANTS):
             result = RUNNERS[v](teacher, template, ids, size)
             if r > 0:
                 runs[v].append(result)
-    return {"sizes": size, "runs": runs, "summary": summarise(runs)}
+    return {"sizes": size, "runs": runs, "summary": summarise(runs),
+            "mfu": mfu_summary(runs, template, teacher, size, args.peak_tflops)}
+
+
+def mfu_summary(runs: dict, student, teacher, size: dict, peak_override: float | None) -> dict:
+    """FLOPs per token of KD, the device's peak and each variant's steady-state MFU."""
+    import torch
+
+    import flops
+
+    name = torch.cuda.get_device_name(0) if _device(teacher) == "cuda" else None
+    per_token = flops.kd_flops_per_token(student, teacher, size["seq_len"])
+    peak = flops.peak_tflops(name, peak_override)
+    tok_s = {v: common.median([r["tokens"] / r["steps"] / r["steady_wall_s_per_step"] for r in rs])
+             for v, rs in runs.items()}
+    return {"device": name or "cpu", "flops_per_token": per_token, "peak_tflops": peak,
+            **{f"{v}_mfu": flops.mfu(t, per_token, peak) for v, t in tok_s.items()},
+            **{f"{v}_tflops": t * per_token / 1e12 for v, t in tok_s.items()}}
 
 
 def summarise(runs: dict) -> dict:
@@ -192,18 +224,30 @@ def summarise(runs: dict) -> dict:
 
 
 def child(variant: str, args) -> None:
-    """Memory probe: set up, reset the peak-RSS mark, run one variant once, read the peak."""
-    size = sizes(args.quick)
-    teacher, template, ids = setup(size)
-    loaded = common.max_rss_mb()
-    before = common.reset_peak_rss()  # the peak below is then the training run's own
-    RUNNERS[variant](teacher, template, ids, size)
-    common.emit_child_result({"load_peak_mb": loaded, "setup_mb": before, "peak_mb": common.max_rss_mb()})
+    """Memory probe: set up, reset the peak mark, run one variant once, read the peak (RSS or CUDA)."""
+    import torch
+
+    from iterabre.models import resolve_device
+
+    size, device = sizes(args.quick), resolve_device(args.device)
+    teacher, template, ids = setup(size, device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        loaded = before = torch.cuda.memory_allocated() / 2**20
+        RUNNERS[variant](teacher, template, ids, size)
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        loaded = common.max_rss_mb()
+        before = common.reset_peak_rss()  # the peak below is then the training run's own
+        RUNNERS[variant](teacher, template, ids, size)
+        peak = common.max_rss_mb()
+    common.emit_child_result({"load_peak_mb": loaded, "setup_mb": before, "peak_mb": peak, "kind": device})
 
 
 def memory(args) -> dict:
     """Peak RSS of each variant in a fresh process."""
     extra = (["--quick"] if args.quick else []) + (["--threads", str(args.threads)] if args.threads else [])
+    extra += ["--device", args.device]
     out = {}
     for v in VARIANTS:
         r = common.run_child(Path(__file__), ["--child", v, *extra])
@@ -220,19 +264,19 @@ def main() -> None:
     result = compare(args)
     if not args.no_memory:
         result["memory"] = memory(args)
-    s, mem = result["summary"], result.get("memory", {})
+    s, mem, mfu = result["summary"], result.get("memory", {}), result["mfu"]
     rows = [[v, s[v]["tokens"], s[v]["train_tokens_per_s"], s[v]["call_tokens_per_s"],
-             s[v]["steady_wall_tokens_per_s"], s[v]["steady_cpu_tokens_per_s"],
+             s[v]["steady_wall_tokens_per_s"], s[v]["steady_cpu_tokens_per_s"], mfu[f"{v}_mfu"],
              mem.get(v, {}).get("peak_mb"), mem.get(v, {}).get("training_mb")] for v in VARIANTS]
     rows.append(["iterabre / trainer", None, s["ratio_train_tokens_per_s"], s["ratio_call_tokens_per_s"],
-                 s["ratio_steady_wall_tokens_per_s"], s["ratio_steady_cpu_tokens_per_s"], None, None])
+                 s["ratio_steady_wall_tokens_per_s"], s["ratio_steady_cpu_tokens_per_s"], None, None, None])
     size = result["sizes"]
     common.print_table(f"KD recovery, SmolLM2 24-block student, batch {size['batch_size']} x {size['seq_len']}, "
                        f"{size['steps']} steps, {size['repeats']} repeats",
                        ["variant", "tokens/run", "train tok/s", "whole-call tok/s", "steady tok/s",
-                        "steady CPU tok/s", "peak RSS MiB",
-                        "+MiB in training"], rows)
-    path = common.write_json("recovery", {"machine": common.machine_info(), "quick": args.quick,
+                        "steady CPU tok/s", "MFU", "peak MiB", "+MiB in training"], rows)
+    name = "recovery" if mfu["device"] == "cpu" else "recovery-cuda"  # a GPU run keeps the CPU table
+    path = common.write_json(name, {"machine": common.machine_info(), "quick": args.quick,
                                           "removed": REMOVED, "lr": LR, "target": "iterabre >= Trainer tokens/s",
                                           **result})
     print(f"wrote {path}")

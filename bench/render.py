@@ -45,14 +45,14 @@ def scoring(d: dict) -> str:
 def recovery(d: dict) -> str:
     """recover() vs Trainer table."""
     s, mem = d["summary"], d.get("memory", {})
-    steady = [f"steady_{c}_tokens_per_s" for c in ("wall", "cpu")]
+    steady, mfu = [f"steady_{c}_tokens_per_s" for c in ("wall", "cpu")], d.get("mfu", {})
     rows = [[v, s[v]["tokens"], s[v]["train_tokens_per_s"], s[v]["call_tokens_per_s"],
-             *[s[v].get(k) for k in steady], mem.get(v, {}).get("peak_mb"), mem.get(v, {}).get("training_mb")]
-            for v in ("iterabre", "hf_trainer")]
+             *[s[v].get(k) for k in steady], mfu.get(f"{v}_mfu"), mem.get(v, {}).get("peak_mb"),
+             mem.get(v, {}).get("training_mb")] for v in ("iterabre", "hf_trainer")]
     rows.append(["iterabre / Trainer", None, s["ratio_train_tokens_per_s"], s["ratio_call_tokens_per_s"],
-                 *[s.get(f"ratio_{k}") for k in steady], None, None])
+                 *[s.get(f"ratio_{k}") for k in steady], None, None, None])
     return md(["variant", "tokens per run", "train-loop tok/s", "whole-call tok/s", "steady-state tok/s",
-               "steady-state CPU tok/s", "peak RSS MiB", "+MiB while training"], rows)
+               "steady-state CPU tok/s", "MFU", "peak MiB", "+MiB while training"], rows)
 
 
 def pruned_speed(d: dict) -> str:
@@ -122,7 +122,7 @@ def main() -> None:
             print(f"## {name}\n\n(no results yet)\n")
             continue
         data = json.loads(path.read_text())
-        kind = next((k for k in ("quality", "budget_study") if name.startswith(k)), name)
+        kind = next((k for k in ("quality", "budget_study") if name.startswith(k)), name.removesuffix("-cuda"))
         print(f"## {name}{' (quick)' if data.get('quick') else ''}\n\n{machine_line(data['machine'])}\n")
         print(RENDER[kind](data) + "\n")
 
