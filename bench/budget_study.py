@@ -23,7 +23,6 @@ bench/results/budget_study.json at once; a rerun with the same settings resumes.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import time
@@ -201,30 +200,37 @@ def single_rows(units: dict, exps: tuple[str, ...]) -> list[list]:
             for uid, u in units.items() if u["exp"] in exps]
 
 
-def print_report(s: dict, units: dict) -> None:
-    """Every table of the study from the finished units."""
-    cols = ["unit", "lr", "KD tokens", "wiki ppl", "BLiMP ± se", "XCOPA ± se", "avg acc", "held-out KD", "removed"]
-    common.print_table(f"base and lr check (one-shot output, {s['blocks']} blocks, seed 0)", cols,
-                       single_rows(units, ("base", "lr")))
+SINGLE_COLUMNS = ["unit", "lr", "KD tokens", "wiki ppl", "BLiMP ± se", "XCOPA ± se", "avg acc", "held-out KD",
+                  "removed"]
+
+
+def report_tables(s: dict, units: dict) -> list[tuple[str, list[str], list[list]]]:
+    """Every table of the study as (title, columns, rows); printed here, rendered as Markdown by render.py."""
     metrics = shown_metrics(units)
     names = [label for _, label in metrics]
-    common.print_table(f"main: {s['blocks']} blocks removed, {s['budget']} KD tokens, mean ± sd over seeds "
-                       f"{s['seeds']}", ["method", *names, "held-out KD", "removed per seed"], main_rows(units, metrics))
-    common.print_table("main, paired by seed: method minus one-shot output", ["difference", *names],
-                       paired_rows(units, metrics))
-    for exp in ("deep", "large"):
-        common.print_table(f"{exp}: single seed", cols, single_rows(units, (exp,)))
+    tables = [(f"Base and lr check (one-shot output, {s['blocks']} blocks, seed 0)", SINGLE_COLUMNS,
+               single_rows(units, ("base", "lr"))),
+              (f"Main ({s['blocks']} blocks, {s['budget']} KD tokens, mean ± sd over seeds {s['seeds']})",
+               ["method", *names, "held-out KD", "removed per seed"], main_rows(units, metrics)),
+              ("Paired by seed (same data), method minus one-shot output", ["difference", *names],
+               paired_rows(units, metrics))]
+    tables += [(f"{exp} (single seed)", SINGLE_COLUMNS, single_rows(units, (exp,))) for exp in ("deep", "large")]
+    return tables
+
+
+def print_report(s: dict, units: dict) -> None:
+    """Every table of the study from the finished units."""
+    for title, columns, rows in report_tables(s, units):
+        common.print_table(title, columns, rows)
 
 
 # ---------------------------------------------------------------- driver
 
 def load_previous(name: str, s: dict) -> dict:
-    """Finished units from an earlier run with identical settings."""
-    path = common.RESULTS / f"{name}.json"
-    if not path.exists():
-        return {}
-    old = json.loads(path.read_text())
-    return old.get("units", {}) if old.get("settings") == json.loads(json.dumps(s)) else {}
+    """Finished units from an earlier run with identical settings (quality.py's resume rule)."""
+    import quality
+
+    return quality.load_previous(name, s, fresh=False)
 
 
 def save(name: str, s: dict, unit: dict, pending: list[str]) -> dict:

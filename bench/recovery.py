@@ -185,11 +185,12 @@ def compare(args) -> dict:
             result = RUNNERS[v](teacher, template, ids, size)
             if r > 0:
                 runs[v].append(result)
-    return {"sizes": size, "runs": runs, "summary": summarise(runs),
-            "mfu": mfu_summary(runs, template, teacher, size, args.peak_tflops)}
+    summary = summarise(runs)
+    return {"sizes": size, "runs": runs, "summary": summary,
+            "mfu": mfu_summary(summary, template, teacher, size, args.peak_tflops)}
 
 
-def mfu_summary(runs: dict, student, teacher, size: dict, peak_override: float | None) -> dict:
+def mfu_summary(summary: dict, student, teacher, size: dict, peak_override: float | None) -> dict:
     """FLOPs per token of KD, the device's peak and each variant's steady-state MFU."""
     import torch
 
@@ -198,8 +199,7 @@ def mfu_summary(runs: dict, student, teacher, size: dict, peak_override: float |
     name = torch.cuda.get_device_name(0) if _device(teacher) == "cuda" else None
     per_token = flops.kd_flops_per_token(student, teacher, size["seq_len"])
     peak = flops.peak_tflops(name, peak_override)
-    tok_s = {v: common.median([r["tokens"] / r["steps"] / r["steady_wall_s_per_step"] for r in rs])
-             for v, rs in runs.items()}
+    tok_s = {v: summary[v]["steady_wall_tokens_per_s"] for v in VARIANTS}
     return {"device": name or "cpu", "flops_per_token": per_token, "peak_tflops": peak,
             **{f"{v}_mfu": flops.mfu(t, per_token, peak) for v, t in tok_s.items()},
             **{f"{v}_tflops": t * per_token / 1e12 for v, t in tok_s.items()}}

@@ -90,24 +90,11 @@ def quality(d: dict) -> str:
 
 
 def budget_study(d: dict) -> str:
-    """The budget study's tables: base + lr check, main (mean ± sd), paired differences, deep, large."""
+    """The budget study's tables (bench/budget_study.py's own layout); empty experiments left out."""
     import budget_study as bs
 
-    units, s = d["units"], d["settings"]
-    metrics = bs.shown_metrics(units)
-    names = [label for _, label in metrics]
-    single = ["unit", "lr", "KD tokens", "wiki ppl", "BLiMP ± se", "XCOPA ± se", "avg acc", "held-out KD", "removed"]
-    parts = [f"Base and lr check (one-shot output, {s['blocks']} blocks, seed 0):\n\n"
-             + md(single, bs.single_rows(units, ("base", "lr"))),
-             f"Main ({s['blocks']} blocks, {s['budget']} KD tokens, mean ± sd over seeds {s['seeds']}):\n\n"
-             + md(["method", *names, "held-out KD", "removed per seed"], bs.main_rows(units, metrics)),
-             "Paired by seed (same data), method minus one-shot output:\n\n"
-             + md(["difference", *names], bs.paired_rows(units, metrics))]
-    for exp in ("deep", "large"):
-        rows = bs.single_rows(units, (exp,))
-        if rows:
-            parts.append(f"{exp} (single seed):\n\n" + md(single, rows))
-    return "\n\n".join(parts)
+    return "\n\n".join(f"{title}:\n\n" + md(columns, rows)
+                        for title, columns, rows in bs.report_tables(d["settings"], d["units"]) if rows)
 
 
 RENDER = {"scoring": scoring, "recovery": recovery, "pruned_speed": pruned_speed, "overhead": overhead,
