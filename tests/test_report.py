@@ -109,3 +109,26 @@ def test_already_pruned_base_keeps_original_numbering(tmp_path):
     grid = importance_matrix(report)
     assert grid.shape == (1, 6) and math.isnan(grid[0, 1]) and grid[0, 2] == 0.0 and grid[0, 0] == 1.0
     assert [p.name for p in write_report(report, tmp_path)] == ["report.md", "importance.png", "metrics.png"]
+
+
+def test_report_states_teacher_budget_final_phase_and_disjoint_token_ranges(report, tmp_path):
+    from iterabre.config import CompressConfig
+    from iterabre.evaluation.report import render_markdown
+    from iterabre.steps import global_windows, split_layout
+
+    split = split_layout(CompressConfig(seq_len=128, seed=3), n_calib=2, n_recovery=64, available=500)
+    steps = [{**s, "teacher": "base", "budget": 4096, "recovery_windows": [global_windows(split, (32 * i, 32 * i + 32))]}
+             for i, s in enumerate(report["steps"])]
+    final = {"step": 3, "name": "final-recovery", "removed": [], "num_layers": 3, "teacher": "base", "budget": 1024,
+             "recovery": {"loss_before": 0.9, "loss_after": 0.8, "tokens": 1024, "seconds": 1.0},
+             "recovery_windows": [global_windows(split, (64, 72))]}
+    budget = {"schedule": "final", "total": 9216, "used": [4096, 4096, 1024], "used_total": 9216}
+    text = render_markdown({**report, "steps": steps, "final_recovery": final, "budget": budget, "data_split": split})
+    _, table = _tables(text)
+    assert [r[0] for r in table[1:]] == ["1", "2", "final-recovery"]
+    assert [r[-3:] for r in table[1:]] == [["base", "4096", "4–36"], ["base", "4096", "36–68"],
+                                           ["base", "1024", "68–76"]]  # recovery windows start after 2 + 2
+    assert "calibration [0, 2) = 256 tokens" in text and "held-out [2, 4) = 256 tokens" in text
+    assert "recovery [4, 68) = 8,192 tokens" in text and "seed 3" in text and "of its 500 windows" in text
+    assert "`final` schedule, 9,216 tokens given, 9,216 trained (per phase: 4,096, 4,096, 1,024)" in text
+    assert "- Teacher: base" in text and "never wikitext-2 valid" in text

@@ -101,18 +101,54 @@ def metrics_table(report: dict) -> list[str]:
     return _table(header, body)
 
 
+def _windows(step: dict) -> str:
+    """'4–20' (or '4–20, 60–62' with carried tokens): the step's recovery window positions."""
+    spans = step.get("recovery_windows") or []
+    return ", ".join(f"{a}–{b}" for a, b in spans) or "–"
+
+
 def steps_table(report: dict) -> list[str]:
-    """One row per step: removed blocks (original numbering) and recovery losses."""
+    """One row per recovery phase: removed blocks (original numbering), teacher, losses, text used."""
     body = []
-    for step in report.get("steps", []):
+    phases = report.get("steps", []) + ([report["final_recovery"]] if report.get("final_recovery") else [])
+    for step in phases:
         rec = step.get("recovery") or {}
-        body.append([str(step["step"]), ", ".join(str(b) for b in step.get("removed", [])),
+        body.append([step.get("name") or str(step["step"]), ", ".join(str(b) for b in step.get("removed", [])) or "–",
                      str(step.get("num_layers", "–")), _fmt(rec.get("loss_before")),
                      _fmt(rec.get("loss_after")), str(rec.get("tokens", "–")),
-                     _fmt(rec.get("seconds"), decimals=1)])
+                     _fmt(rec.get("seconds"), decimals=1), str(step.get("teacher", "–")),
+                     str(step.get("budget", "–")), _windows(step)])
     header = ["step", "removed blocks", "blocks left", "KD loss before", "KD loss after",
-              "recovery tokens", "recovery s"]
+              "recovery tokens", "recovery s", "teacher", "budget", "recovery windows"]
     return _table(header, body)
+
+
+def _span(part: dict) -> str:
+    """'[0, 2) = 256 tokens': a [start, stop) range of window positions and its size."""
+    start, stop = part["windows"]
+    return f"[{start}, {stop}) = {part['tokens']:,} tokens"
+
+
+def data_lines(report: dict) -> list[str]:
+    """Where the text came from (disjoint token ranges) and how the recovery budget was spent."""
+    lines, split, budget = [], report.get("data_split"), report.get("budget")
+    if split:
+        calib = split["calibration"]
+        lines += [f"- Text: {split['seq_len']}-token windows of {split['source']}, positions in one seeded "
+                  f"permutation (seed {split['seed']}) of its {split['windows_available']:,} windows, so "
+                  f"disjoint ranges are disjoint text: calibration {_span(calib)}"
+                  + (f" ({calib['source']})" if calib.get("source") else "")
+                  + f", held-out {_span(split['heldout'])}, recovery {_span(split['recovery'])}.",
+                  f"- Evaluation: {split['evaluation']}."]
+    if budget:
+        used = ", ".join(f"{u:,}" for u in budget.get("used", []))
+        lines.append(f"- Recovery budget: `{budget['schedule']}` schedule, {budget['total']:,} tokens given, "
+                     f"{budget.get('used_total', 0):,} trained (per phase: {used}).")
+    teachers = sorted({str(s["teacher"]) for s in report.get("steps", []) if s.get("teacher")})
+    if teachers:
+        lines.append(f"- Teacher: {' / '.join(teachers)} ('base' = the unpruned model; 'previous' = the "
+                     "model before each step's removal).")
+    return lines
 
 
 def render_markdown(report: dict) -> str:
@@ -126,6 +162,8 @@ def render_markdown(report: dict) -> str:
              "Retained % is score / base score (for perplexity: base / perplexity). ± is lm-eval's "
              "standard error; n/a where lm-eval gives none (perplexity).", ""]
     lines += metrics_table(report) + ["", "## Steps", ""] + steps_table(report)
+    if data_lines(report):
+        lines += ["", "## Data and budget", ""] + data_lines(report)
     lines += ["", "![block importance](importance.png)", "", "![metrics](metrics.png)", ""]
     return "\n".join(lines)
 
