@@ -1,6 +1,6 @@
 """Print the latest bench/results/*.json as Markdown tables, for pasting into docs/BENCHMARKS.md.
 
-    .venv/bin/python bench/render.py [scoring recovery pruned_speed overhead quality budget_study]
+    .venv/bin/python bench/render.py [scoring recovery pruned_speed overhead quality budget_study base_eval]
 """
 
 from __future__ import annotations
@@ -97,8 +97,28 @@ def budget_study(d: dict) -> str:
                         for title, columns, rows in bs.report_tables(d["settings"], d["units"]) if rows)
 
 
+def base_eval(d: dict) -> str:
+    """Full-suite headline numbers, XCOPA per language, BLiMP's hardest and easiest phenomena."""
+    from quality import XCOPA_LANGS, _pm
+
+    summ, leaves = d.get("summary", {}), {t: m for c in d["chunks"].values() for t, m in c["results"].items()}
+    wiki, blimp, xcopa = summ.get("wikitext", {}), summ.get("blimp", {}), summ.get("xcopa", {})
+    head = md(["wikitext word ppl", "byte ppl", "bits/byte", "BLiMP acc (pairs)", "XCOPA acc (items)", "minutes (sum of chunks)"],
+              [[wiki.get("word_perplexity"), wiki.get("byte_perplexity"), wiki.get("bits_per_byte"),
+                f"{_pm(blimp.get('acc'), blimp.get('acc_stderr'))} ({blimp.get('n', '?')})" if blimp else "not run",
+                f"{_pm(xcopa.get('acc'), xcopa.get('acc_stderr'))} ({xcopa.get('n', '?')})" if xcopa else "not run",
+                summ.get("seconds", 0) / 60]])
+    langs = md(XCOPA_LANGS, [[_pm(leaves[f"xcopa_{x}"]["acc"], leaves[f"xcopa_{x}"]["acc_stderr"])
+                              if f"xcopa_{x}" in leaves else "" for x in XCOPA_LANGS]])
+    ranked = sorted((m["acc"], t.removeprefix("blimp_"), m["acc_stderr"]) for t, m in leaves.items()
+                    if t.startswith("blimp_"))
+    ends = md(["BLiMP phenomenon", "acc"], [[n, _pm(a, se)] for a, n, se in ranked[:5] + ranked[-5:]])
+    return f"{head}\n\nXCOPA per language:\n\n{langs}\n\nBLiMP, the 5 hardest and 5 easiest phenomena:\n\n{ends}"
+
+
 RENDER = {"scoring": scoring, "recovery": recovery, "pruned_speed": pruned_speed, "overhead": overhead,
-          "quality": quality, "budget_study": budget_study}
+          "quality": quality, "budget_study": budget_study,
+          "base_eval": base_eval}
 
 
 def main() -> None:
@@ -109,7 +129,7 @@ def main() -> None:
             print(f"## {name}\n\n(no results yet)\n")
             continue
         data = json.loads(path.read_text())
-        kind = next((k for k in ("quality", "budget_study") if name.startswith(k)), name.removesuffix("-cuda"))
+        kind = next((k for k in ("quality", "budget_study", "base_eval") if name.startswith(k)), name.removesuffix("-cuda"))
         print(f"## {name}{' (quick)' if data.get('quick') else ''}\n\n{machine_line(data['machine'])}\n")
         print(RENDER[kind](data) + "\n")
 
