@@ -248,11 +248,21 @@ def save(name: str, s: dict, unit: dict, pending: list[str]) -> dict:
     return units
 
 
-def finished_twin(units: dict, unit: dict, lr: float) -> dict | None:
+def cannot_stop_early(unit: dict, s: dict) -> bool:
+    """An adaptive unit whose steps are at most one held-out check long: its only check would fall
+    after a step's last update, where none is taken, so it trains exactly like `equal` (tested in
+    tests/test_budget.py; nothing is ever carried)."""
+    per_step = -(-unit["budget"] // unit["blocks"])  # one block per step; largest share, rounded up
+    return METHODS[unit["method"]]["budget_schedule"] == "adaptive" and per_step <= s["adaptive_eval_tokens"]
+
+
+def finished_twin(units: dict, unit: dict, lr: float, s: dict) -> dict | None:
     """A finished unit that is the very same job (method, seed, blocks, budget, lr): runs are
-    deterministic, so e.g. the lr check's winner is reused as main/oneshot-output/s0."""
+    deterministic, so e.g. the lr check's winner is reused as main/oneshot-output/s0, and an
+    adaptive unit that cannot stop early is its `iter-equal` twin."""
     key = lambda u: (u.get("method"), u.get("seed"), u.get("blocks"), u.get("budget"), u.get("lr"))  # noqa: E731
-    return next((u for u in units.values() if key(u) == key({**unit, "lr": lr})), None)
+    wanted = {**unit, "lr": lr, **({"method": "iter-equal"} if cannot_stop_early(unit, s) else {})}
+    return next((u for u in units.values() if key(u) == key(wanted)), None)
 
 
 def run_all(name: str, s: dict, plan: list[dict]) -> dict:
@@ -268,7 +278,7 @@ def run_all(name: str, s: dict, plan: list[dict]) -> dict:
             if unit["id"] in units:
                 continue
             lr = unit.get("lr") or chosen_lr(units, s)
-            twin = finished_twin(units, unit, lr)
+            twin = finished_twin(units, unit, lr, s)
             print(f"[run ] {unit['id']} ..." if twin is None else f"[same] {unit['id']} = {twin['id']}", flush=True)
             done = run_unit(unit, s, lr, work) if twin is None else {**twin, **unit, "lr": lr, "same_as": twin["id"]}
             units = save(name, s, done, pending)  # also picks up what another process finished

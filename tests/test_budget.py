@@ -155,6 +155,26 @@ def test_adaptive_recovery_stops_on_a_plateau_and_leaves_tokens(pair):
     assert not full.stopped_early and full.tokens == 256 and full.heldout_checks == []
 
 
+
+def test_a_check_due_only_at_the_last_token_trains_exactly_like_no_early_stop(pair):
+    """Why bench/budget_study.py reuses `equal` for an adaptive job whose steps are one check long."""
+    student, teacher = pair
+    ids, held = _windows(16, 0), _windows(4, 1)
+
+    def run(**early):  # a real lr: the held-out loss moves, yet the only check would be at the very end
+        model = copy.deepcopy(student)
+        result = recover(model, teacher, ids, torch.ones_like(ids), RecoveryConfig(tokens=128, batch_size=4,
+                         lr=1e-3, **early), [2], heldout_ids=held, heldout_mask=torch.ones_like(held))
+        return model, result
+
+    (checked, r1), (plain, r2) = run(early_stop_tokens=128, early_stop_tol=1e9), run()
+    # tol 1e9 would call any check a plateau, but none is taken after the last optimizer step
+    assert r1.tokens == r2.tokens == 128 and r1.heldout_checks == [] and not r1.stopped_early
+    assert r1.loss_after == pytest.approx(r2.loss_after)
+    for a, b in zip(checked.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------- data ranges
 
 
