@@ -162,8 +162,8 @@ def render_markdown(report: dict) -> str:
              "Retained % is score / base score (for perplexity: base / perplexity). ± is lm-eval's "
              "standard error; n/a where lm-eval gives none (perplexity).", ""]
     lines += metrics_table(report) + ["", "## Steps", ""] + steps_table(report)
-    if data_lines(report):
-        lines += ["", "## Data and budget", ""] + data_lines(report)
+    if facts := data_lines(report):
+        lines += ["", "## Data and budget", ""] + facts
     lines += ["", "![block importance](importance.png)", "", "![metrics](metrics.png)", ""]
     return "\n".join(lines)
 
