@@ -156,6 +156,40 @@ def test_local_tasks_on_tiny_model():
     assert w["bits_per_byte"] == pytest.approx(math.log2(w["byte_perplexity"]))
 
 
+def test_rolling_batch_size_fits_budget():
+    from iterabre.evaluation.harness import rolling_batch_size
+
+    # SmolLM2: 8192 x 49152 fp32 logits, two copies = 3.2 GB per window -> one window at 4 GiB.
+    assert rolling_batch_size(32, 8192, 49152) == 1
+    assert rolling_batch_size(32, 128, 260, budget=2 * 128 * 260 * 4 * 5) == 5
+    assert rolling_batch_size(3, 128, 260) == 3, "never above the requested batch"
+    assert rolling_batch_size(8, 10**6, 10**6, budget=1) == 1, "at least one window"
+
+
+def test_wikitext_batches_are_capped_and_scores_unchanged(monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    from iterabre.evaluation import harness
+
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    sizes, real = [], HFLM._loglikelihood_tokens
+
+    def spy(self, requests, *args, **kwargs):
+        sizes.append(len(requests))
+        return real(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", spy)
+    full = evaluate(model, tok, "wikitext", limit=3, batch_size=8)["wikitext"]
+    assert max(sizes) > 2, "the uncapped run should batch several windows"
+    vocab = model.get_output_embeddings().weight.shape[0]
+    max_length = model.config.max_position_embeddings
+    monkeypatch.setattr(harness, "ROLLING_LOGITS_BUDGET", 2 * 2 * max_length * vocab * 4)
+    sizes.clear()
+    capped = evaluate(model, tok, "wikitext", limit=3, batch_size=8)["wikitext"]
+    assert sizes and max(sizes) == 2
+    assert capped == pytest.approx(full, rel=1e-5)
+
+
 def test_run_evaluate_writes_json(tmp_path):
     from iterabre.models import save_model
 

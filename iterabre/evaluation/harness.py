@@ -219,6 +219,40 @@ def flatten_results(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+# Rolling log-likelihood (wikitext) scores windows of the model's full context: one batch holds
+# batch x max_length x vocab fp32 logits, and the log-softmax a second copy (SmolLM2: 8192 x 49152
+# x 4 B = 1.6 GB per window, so lm-eval's batch of 32 wants ~100 GB). Cap the batch to this budget.
+ROLLING_LOGITS_BUDGET = 4 * 2**30  # bytes
+
+
+def rolling_batch_size(batch_size: int, max_length: int, vocab_size: int,
+                       budget: int = ROLLING_LOGITS_BUDGET) -> int:
+    """The largest batch <= `batch_size` whose two fp32 logits copies fit in `budget` (at least 1)."""
+    per_window = 2 * max_length * vocab_size * 4
+    return max(1, min(batch_size, budget // per_window))
+
+
+def memory_safe_hflm(model, tokenizer, batch_size: int):
+    """An lm-eval HFLM whose rolling (perplexity) requests run in batches capped by ROLLING_LOGITS_BUDGET."""
+    from lm_eval.models.huggingface import HFLM
+
+    class MemorySafeHFLM(HFLM):
+        """HFLM with `rolling_batch_size` applied to loglikelihood_rolling only."""
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            """Score the rolling windows with the capped batch size, then restore it."""
+            full = self.batch_size_per_gpu
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self.batch_size_per_gpu = rolling_batch_size(int(full), self.max_length, vocab,
+                                                         ROLLING_LOGITS_BUDGET)
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self.batch_size_per_gpu = full
+
+    return MemorySafeHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
 def evaluate(model, tokenizer, tasks: str | list[str] = DEFAULT_TASKS, limit: float | int | None = None,
              batch_size: int = 8, device: str = "cpu", seed: int = 0,
              data_dir: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
@@ -229,7 +263,6 @@ def evaluate(model, tokenizer, tasks: str | list[str] = DEFAULT_TASKS, limit: fl
     The model is evaluated on `device` in eval mode and returned to its device and mode after.
     """
     import torch
-    from lm_eval.models.huggingface import HFLM
 
     from iterabre.models import resolve_device
 
@@ -239,7 +272,7 @@ def evaluate(model, tokenizer, tasks: str | list[str] = DEFAULT_TASKS, limit: fl
     try:
         # HFLM ignores `device` for an in-memory model and uses the model's own device.
         model.to(device).eval()
-        make_lm = lambda: HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)  # noqa: E731
+        make_lm = lambda: memory_safe_hflm(model, tokenizer, batch_size)  # noqa: E731
         return evaluate_lm(make_lm, tasks, limit, seed, data_dir)
     finally:
         model.to(home).train(was_training)
