@@ -175,6 +175,15 @@ def run_child(script: Path, args: list[str], timeout: int = 3600) -> dict:
     return json.loads(lines[-1])
 
 
+def child_memory(script: Path, children: dict[str, str], extra: list[str], key: str) -> dict:
+    """Peak RSS of each `--child` run in a fresh process: {name: {...child result, key: peak - setup MiB}}."""
+    out = {}
+    for name, child in children.items():
+        r = run_child(script, ["--child", child, *extra])
+        out[name] = {**r, key: r["peak_mb"] - r["setup_mb"]}
+    return out
+
+
 def _status_mb(field: str) -> float | None:
     """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB, or None off Linux."""
     try:

@@ -248,11 +248,7 @@ def memory(args) -> dict:
     """Peak RSS of each variant in a fresh process."""
     extra = (["--quick"] if args.quick else []) + (["--threads", str(args.threads)] if args.threads else [])
     extra += ["--device", args.device]
-    out = {}
-    for v in VARIANTS:
-        r = common.run_child(Path(__file__), ["--child", v, *extra])
-        out[v] = {**r, "training_mb": r["peak_mb"] - r["setup_mb"]}
-    return out
+    return common.child_memory(Path(__file__), {v: v for v in VARIANTS}, extra, "training_mb")
 
 
 def main() -> None:

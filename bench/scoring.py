@@ -140,11 +140,8 @@ def memory(model: str, args) -> dict:
     """Peak RSS of each implementation, each in its own fresh process."""
     extra = ["--scorer", args.scorer] + (["--quick"] if args.quick else []) + \
         (["--threads", str(args.threads)] if args.threads else [])
-    out = {}
-    for impl in IMPLS:
-        r = common.run_child(Path(__file__), ["--child", f"{model}:{impl}", *extra])
-        out[impl] = {**r, "scoring_mb": r["peak_mb"] - r["setup_mb"]}
-    return out
+    children = {impl: f"{model}:{impl}" for impl in IMPLS}
+    return common.child_memory(Path(__file__), children, extra, "scoring_mb")
 
 
 def main() -> None:
