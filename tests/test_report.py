@@ -5,7 +5,7 @@ import math
 import matplotlib.image
 import pytest
 
-from iterabre.evaluation.report import importance_matrix, retained, write_report
+from iterabre.evaluation.report import chance_lines, importance_matrix, render_markdown, retained, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -132,3 +132,13 @@ def test_report_states_teacher_budget_final_phase_and_disjoint_token_ranges(repo
     assert "recovery [4, 68) = 8,192 tokens" in text and "seed 3" in text and "of its 500 windows" in text
     assert "`final` schedule, 9,216 tokens given, 9,216 trained (per phase: 4,096, 4,096, 1,024)" in text
     assert "- Teacher: base" in text and "never wikitext-2 valid" in text
+
+
+def test_base_at_chance_is_flagged(report):
+    assert chance_lines(report) == [], "xcopa 0.56 ± 0.02 is above chance"
+    at_chance = {**report, "base_eval": _eval(20.0, 0.80, 0.519)}  # 0.519 - 2 * 0.02 < 0.5
+    lines = chance_lines(at_chance)
+    assert len(lines) == 1 and "xcopa acc (0.5190 ± 0.0200)" in lines[0] and "chance (0.5)" in lines[0]
+    assert lines[0] in render_markdown(at_chance)
+    no_stderr = {**report, "base_eval": {"blimp": {"acc": 0.5}}}
+    assert [line for line in chance_lines(no_stderr) if "blimp" in line]

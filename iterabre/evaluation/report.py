@@ -16,6 +16,9 @@ from pathlib import Path
 MAIN_METRICS = (("wikitext", "word_perplexity", False, "wikitext ppl"),
                 ("blimp", "acc", True, "blimp acc"),
                 ("xcopa", "acc", True, "xcopa acc"))
+# Accuracy of guessing for the two-choice tasks. A small English-only base model can sit at
+# chance on XCOPA (SmolLM2-135M: 0.519 ± 0.007); then its retained % measures nothing.
+CHANCE = {("blimp", "acc"): 0.5, ("xcopa", "acc"): 0.5}
 
 
 def atomic_write(path: Path, data: bytes) -> Path:
@@ -101,6 +104,18 @@ def metrics_table(report: dict) -> list[str]:
     return _table(header, body)
 
 
+def chance_lines(report: dict) -> list[str]:
+    """A warning per CHANCE metric whose base score is within two standard errors of guessing."""
+    lines = []
+    for (task, metric), chance in CHANCE.items():
+        value, stderr = metric_value(report.get("base_eval"), task, metric)
+        if value is not None and value - 2 * (stderr or 0.0) <= chance:
+            lines.append(f"- The base model's {task} {metric} ({_fmt(value, stderr)}) is within two standard "
+                         f"errors of chance ({chance}): its retained % cannot show lost ability; judge "
+                         "this compression on the other metrics.")
+    return lines
+
+
 def _windows(step: dict) -> str:
     """'4–20' (or '4–20, 60–62' with carried tokens): the step's recovery window positions."""
     spans = step.get("recovery_windows") or []
@@ -161,7 +176,10 @@ def render_markdown(report: dict) -> str:
              "## Evaluation", "",
              "Retained % is score / base score (for perplexity: base / perplexity). ± is lm-eval's "
              "standard error; n/a where lm-eval gives none (perplexity).", ""]
-    lines += metrics_table(report) + ["", "## Steps", ""] + steps_table(report)
+    lines += metrics_table(report)
+    if warnings := chance_lines(report):
+        lines += [""] + warnings
+    lines += ["", "## Steps", ""] + steps_table(report)
     if facts := data_lines(report):
         lines += ["", "## Data and budget", ""] + facts
     lines += ["", "![block importance](importance.png)", "", "![metrics](metrics.png)", ""]
