@@ -190,6 +190,13 @@ def test_wikitext_batches_are_capped_and_scores_unchanged(monkeypatch):
     assert capped == pytest.approx(full, rel=1e-5)
 
 
+def test_wikitext_progress_is_one_bar_over_windows(capfd):
+    evaluate(tiny_model("llama"), byte_tokenizer(), "wikitext", limit=2, batch_size=1)
+    err = capfd.readouterr().err.replace("\r", "\n")
+    assert "Scoring rolling windows" in err
+    assert "Running loglikelihood requests" not in err, "lm-eval's per-batch bars must be off"
+
+
 def test_run_evaluate_writes_json(tmp_path):
     from iterabre.models import save_model
 

@@ -239,16 +239,33 @@ def memory_safe_hflm(model, tokenizer, batch_size: int):
     class MemorySafeHFLM(HFLM):
         """HFLM with `rolling_batch_size` applied to loglikelihood_rolling only."""
 
+        _window_bar = None  # one bar over all rolling windows while loglikelihood_rolling runs
+
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
             """Score the rolling windows with the capped batch size, then restore it."""
+            from tqdm import tqdm
+
             full = self.batch_size_per_gpu
             vocab = self.model.get_output_embeddings().weight.shape[0]
             self.batch_size_per_gpu = rolling_batch_size(int(full), self.max_length, vocab,
                                                          ROLLING_LOGITS_BUDGET)
+            # lm-eval opens a new bar per batch (one per window at batch 1: ~70 for wikitext).
+            self._window_bar = tqdm(desc="Scoring rolling windows", unit=" windows", disable=disable_tqdm)
             try:
                 return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
             finally:
                 self.batch_size_per_gpu = full
+                self._window_bar.close()
+                self._window_bar = None
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            """lm-eval's scoring; inside loglikelihood_rolling it advances the one window bar instead."""
+            bar = self._window_bar
+            out = super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or bar is not None,
+                                                override_bs=override_bs)
+            if bar is not None:
+                bar.update(len(requests))
+            return out
 
     return MemorySafeHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
