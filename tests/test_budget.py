@@ -155,7 +155,6 @@ def test_adaptive_recovery_stops_on_a_plateau_and_leaves_tokens(pair):
     assert not full.stopped_early and full.tokens == 256 and full.heldout_checks == []
 
 
-
 def test_a_check_due_only_at_the_last_token_trains_exactly_like_no_early_stop(pair):
     """Why bench/budget_study.py reuses `equal` for an adaptive job whose steps are one check long."""
     student, teacher = pair
