@@ -67,17 +67,17 @@ def plain_loop(cfg) -> dict:
     """The flow's algorithm with direct calls to the same steps: prepare, score, prune, recover, publish."""
     import dataclasses
 
-    from iterabre import steps
+    from iterabre import files, planning, steps
 
     out, device = Path(cfg.output), cfg.device
-    base = steps.prepare_base(cfg, out / "work")
-    plan = steps.num_steps_for(cfg, steps.num_layers(base))
-    budgets = steps.step_budgets(cfg.recovery_tokens, len(plan), cfg.budget_schedule)
+    base = steps.prepare_base(cfg.model, cfg.revision, out / "work")
+    plan = planning.num_steps_for(cfg, steps.num_layers(base))
+    budgets = planning.step_budgets(cfg.recovery_tokens, len(plan), cfg.budget_schedule)
     data = steps.prepare_data(cfg, base, out / "work", budgets)
     current, records = base, []
-    for step, (k, window) in enumerate(zip(plan, steps.recovery_ranges(budgets, cfg.seq_len)), 1):
+    for step, (k, window) in enumerate(zip(plan, planning.recovery_ranges(budgets, cfg.seq_len)), 1):
         scored = steps.score(current, data, cfg.scorer, 1, device)
-        remove = steps.plan_removal(scored["scores"], k, cfg.scorer, scored["order"])
+        remove = planning.plan_removal(scored["scores"], k, cfg.scorer, scored["order"])
         pruned = steps.prune(current, remove, out / "work" / f"step-{step:02d}-pruned")
         current = out / "steps" / f"step-{step:02d}"
         rec = steps.recover(pruned, base, data, {**dataclasses.asdict(cfg.recovery), "tokens": budgets[step - 1]},
@@ -87,7 +87,7 @@ def plain_loop(cfg) -> dict:
     final = steps.publish(current, out / "final")
     report = {"removed_layers": [i for r in records for i in r["removed"]], "steps": records,
               "final_num_layers": steps.num_layers(final)}
-    steps.write_json(report, out / "report.json")
+    files.write_json(report, out / "report.json")
     return report
 
 

@@ -83,7 +83,7 @@ def settings(args) -> dict:
 
 def optional_settings(args) -> dict:
     """Settings that only appear when changed, so CPU result files made before they existed still resume."""
-    from iterabre.models import resolve_device
+    from iterabre.devices import resolve_device
 
     out = {}
     if resolve_device(args.device) != "cpu":
@@ -106,14 +106,15 @@ def parse_limits(text: str) -> dict[str, int]:
 
 def prepare(s: dict, work: Path):
     """(base model, tokenizer, data dict) with the flow's own data split."""
-    from iterabre import steps
+    from iterabre import planning, steps
     from iterabre.config import CompressConfig
-    from iterabre.models import load_model, pull_embedded_model
+    from iterabre.embedded import pull_embedded_model
+    from iterabre.models import load_model
 
     base, tokenizer = load_model(s["model"], device=s.get("device", "cpu"))
     cfg = CompressConfig(model=s["model"], calibration_tokens=s["calib_tokens"], seq_len=s["seq_len"],
                          seed=s["seed"], target_layers=1)
-    budgets = steps.step_budgets(s["budget"], s["blocks"])
+    budgets = planning.step_budgets(s["budget"], s["blocks"])
     data = steps.load_data(steps.prepare_data(cfg, pull_embedded_model(s["model"]), work, budgets))
     return base, tokenizer, data
 
@@ -181,16 +182,16 @@ def heal(student, teacher, data: dict, removed: list[int], tokens: int, window: 
 
 def iterative(name: str, base, tokenizer, data: dict, s: dict, curve: list) -> tuple:
     """Remove one block per step, re-scoring each time; KD between steps for IteRABRe."""
-    from iterabre import steps
+    from iterabre import planning, steps
     from iterabre.surgery import remove_blocks
 
     scorer, _, heal_between, _ = METHODS[name]
     model, removed, recoveries = copy.deepcopy(base), [], []
-    budgets = steps.step_budgets(s["budget"], s["blocks"])
-    ranges = steps.recovery_ranges(budgets, s["seq_len"])
+    budgets = planning.step_budgets(s["budget"], s["blocks"])
+    ranges = planning.recovery_ranges(budgets, s["seq_len"])
     for step in range(s["blocks"]):
         scores = scores_for(model, data, scorer)
-        remove = steps.plan_removal(scores, 1, scorer, scores.order)
+        remove = planning.plan_removal(scores, 1, scorer, scores.order)
         remove_blocks(model, remove)
         removed += remove
         if heal_between:
@@ -202,14 +203,14 @@ def iterative(name: str, base, tokenizer, data: dict, s: dict, curve: list) -> t
 
 def one_shot(name: str, base, tokenizer, data: dict, s: dict, curve: list) -> tuple:
     """Score the base once (runs of k blocks for angular) and remove the k lowest, for each k."""
-    from iterabre import steps
+    from iterabre import planning, steps
     from iterabre.surgery import remove_blocks
 
     scorer = METHODS[name][0]
     plain = None if scorer == "angular" else scores_for(base, data, scorer)
     for k in s["oneshot_ks"]:
         scores = scores_for(base, data, scorer, n=k) if scorer == "angular" else plain
-        removed = steps.plan_removal(scores, k, scorer, scores.order)
+        removed = planning.plan_removal(scores, k, scorer, scores.order)
         model = remove_blocks(copy.deepcopy(base), removed)
         curve.append({"blocks_removed": k, "removed": list(removed),
                       **headline(evaluate(model, tokenizer, s["curve_eval"]))})

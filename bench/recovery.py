@@ -173,7 +173,7 @@ RUNNERS = {"iterabre": run_iterabre, "hf_trainer": run_trainer}
 
 def compare(args) -> dict:
     """Alternate the two variants; collect per-run results."""
-    from iterabre.models import resolve_device
+    from iterabre.devices import resolve_device
 
     size = sizes(args.quick)
     if args.repeats:
@@ -227,7 +227,7 @@ def child(variant: str, args) -> None:
     """Memory probe: set up, reset the peak mark, run one variant once, read the peak (RSS or CUDA)."""
     import torch
 
-    from iterabre.models import resolve_device
+    from iterabre.devices import resolve_device
 
     size, device = sizes(args.quick), resolve_device(args.device)
     teacher, template, ids = setup(size, device)

@@ -4,25 +4,21 @@
     while blocks > target: score -> prune -> recover -> (evaluate) -> log an MLflow child run
     publish final/ -> evaluate final -> report -> register + alias (champion | challenger)
 
-Every task calls one `iterabre.steps` function and passes only paths, content hashes and
-small JSON, so results persist as JSON and a task's cache key is a hash of (task name,
-code, inputs' content hashes, parameters). Re-running the same job after a crash turns
-every finished task into a `Cached` state and continues from the last checkpoint.
-The same flow runs from the CLI (`run_from_cli`, Prefect's ephemeral API), from a
-deployment on a worker (`prefect deployment run iterabre/compress`) and from `flows.watch`.
+Every task calls one `iterabre.steps` function and passes only paths and small JSON; its
+cache key (flows/caching.py) is its code, the content of its input paths and its other
+arguments. Re-running the same job after a crash turns every finished task into a `Cached`
+state and continues from the last checkpoint. The same flow runs from the CLI
+(`run_from_cli`, Prefect's in-process API), from a deployment on a worker
+(`prefect deployment run iterabre/compress`) and from `flows.watch`.
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
-import functools
 import hashlib
-import inspect
-import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,110 +27,47 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from flows import tracking
-from iterabre import steps
-from iterabre.config import CompressConfig, RecoveryConfig
+from flows.caching import ContentKey, InPath, Ledger, input_paths, task_key
+from flows.lifecycle import ensure_prefect_api, signals_as_interrupts
+from iterabre import planning, steps
+from iterabre.config import CompressConfig, FlowOptions, RecoveryConfig, normalise, validate
 from iterabre.errors import IterabreError
-from iterabre.paths import REPO_ROOT
+from iterabre.files import hash_path, output_lock, write_json
 
-D, R = CompressConfig(), RecoveryConfig()
+D, R, O = CompressConfig(), RecoveryConfig(), FlowOptions()
 RESULTS_ENV = "PREFECT_RESULTS_LOCAL_STORAGE_PATH"
-OPTION_DEFAULTS = dict(eval_every_step=False, min_blimp_retained=0.9, max_ppl_ratio=1.5,
-                       log_checkpoints=True, keep_pruned=False)
-
-
-# ---------------------------------------------------------------- caching
-
-_MODULE = re.compile(r"\biterabre(?:\.\w+)+")  # `from iterabre.x import`, importlib strings
-
-
-def _steps_closure(name: str, seen: set[str]) -> set[str]:
-    """Names of the `iterabre.steps` functions that `name` calls, directly or not (itself included)."""
-    seen.add(name)
-    source = inspect.getsource(getattr(steps, name))
-    for called in re.findall(r"\b(\w+)\(", source):
-        if called not in seen and inspect.isfunction(getattr(steps, called, None)):
-            _steps_closure(called, seen)
-    return seen
-
-
-def _module_files(text: str, seen: set[Path]) -> set[Path]:
-    """Files of the iterabre modules named in `text` and, transitively, in those files."""
-    for dotted in set(_MODULE.findall(text)):
-        parts = dotted.split(".")
-        while parts:  # `iterabre.evaluation.report.write_report` -> the longest prefix that is a file
-            rel = REPO_ROOT.joinpath(*parts)
-            hit = [p for p in (rel.with_suffix(".py"), rel / "__init__.py") if p.exists()]
-            if hit:
-                break
-            parts.pop()
-        # a package counts as a whole (task YAMLs, helpers loaded by name)
-        files = sorted(p for p in hit[0].parent.rglob("*") if p.suffix in (".py", ".yaml")) \
-            if hit and hit[0].name == "__init__.py" else hit
-        for path in files:
-            if path not in seen:
-                seen.add(path)
-                _module_files(path.read_text(encoding="utf-8"), seen)
-    return seen
-
-
-@functools.lru_cache(maxsize=None)
-def code_hash(task_name: str, step: str) -> str:
-    """sha256 of the code a task runs: its body, the steps function(s), their library modules.
-
-    Editing any of these invalidates the task's cached results; editing unrelated modules does not.
-    """
-    sources = [inspect.getsource(_TASKS_BY_NAME[task_name].fn)]
-    sources += [inspect.getsource(getattr(steps, f)) for f in sorted(_steps_closure(step, set()))]
-    digest = hashlib.sha256("\0".join(sources).encode())
-    for path in sorted(_module_files("\n".join(sources), set())):
-        digest.update(path.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
-def task_key(name: str, parameters: dict) -> str:
-    """Cache key of one task call: name + code hash + every (JSON) parameter, hashes included."""
-    code = code_hash(name, _STEP_OF[name])
-    blob = json.dumps({"task": name, "code": code, "params": parameters}, sort_keys=True, default=str)
-    return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:40]}"
-
-
-def _cache_key(context, parameters: dict) -> str:
-    """Prefect cache_key_fn: see `task_key`."""
-    return task_key(context.task.name, parameters)
-
-
-_CACHED = dict(cache_key_fn=_cache_key, persist_result=True, result_serializer="json")
+_PERSIST = dict(persist_result=True, result_serializer="json")
 
 
 def _model_out(path) -> dict:
     """What a model-producing task returns: its folder, content hash and block count."""
-    return {"path": str(path), "hash": steps.hash_path(path), "num_layers": steps.num_layers(path)}
+    return {"path": str(path), "hash": hash_path(path), "num_layers": steps.num_layers(path)}
 
 
 # ---------------------------------------------------------------- tasks (one library call each)
 
-@task(name="prepare-base", **_CACHED)
-def prepare_base(config: dict, source_hash: str | None, work_dir: str) -> dict:
+@task(name="prepare-base", **_PERSIST)
+def prepare_base(model: InPath, revision: str | None, allow_remote_code: bool, allow_pickle: bool,
+                 work_dir: str) -> dict:
     """Load the base model (any spec) and save it as a local safetensors folder."""
-    return _model_out(steps.prepare_base(CompressConfig.from_dict(config), work_dir, source_hash))
+    return _model_out(steps.prepare_base(model, revision, work_dir, allow_remote_code, allow_pickle))
 
 
-@task(name="prepare-data", **_CACHED)
-def prepare_data(config: dict, base_hash: str, base_dir: str, work_dir: str, budgets: list[int]) -> dict:
+@task(name="prepare-data", **_PERSIST)
+def prepare_data(config: dict, base_dir: InPath, work_dir: str, budgets: list[int]) -> dict:
     """Cut disjoint calibration / recovery / held-out token windows."""
     path = steps.prepare_data(CompressConfig.from_dict(config), base_dir, work_dir, budgets)
-    return {"path": str(path), "hash": steps.hash_path(path), "split": steps.data_layout(path)}
+    return {"path": str(path), "hash": hash_path(path), "split": steps.data_layout(path)}
 
 
-@task(name="score", **_CACHED)
-def score(model_dir: str, model_hash: str, data_path: str, data_hash: str, scorer: str, n: int,
-          device: str) -> dict:
+@task(name="score", **_PERSIST)
+def score(model_dir: InPath, data_path: InPath, scorer: str, n: int, device: str) -> dict:
     """Score every remaining block of the current model."""
     return steps.score(model_dir, data_path, scorer, n, device)
 
 
-@task(name="prune", **_CACHED)
-def prune(model_dir: str, model_hash: str, remove: list[int], out_dir: str) -> dict:
+@task(name="prune", **_PERSIST)
+def prune(model_dir: InPath, remove: list[int], out_dir: str) -> dict:
     """Save a copy of the model without the chosen blocks."""
     return _model_out(steps.prune(model_dir, remove, out_dir))
 
@@ -148,10 +81,9 @@ def _oom(task, task_run, state) -> bool:
     return False
 
 
-@task(name="recover", retries=2, retry_delay_seconds=10, retry_condition_fn=_oom, **_CACHED)
-def recover(student_dir: str, student_hash: str, teacher_dir: str, teacher_hash: str, data_path: str,
-            data_hash: str, recovery: dict, removed: list[int], window_range: list[int], out_dir: str,
-            device: str, extra_range: list[int] | None = None) -> dict:
+@task(name="recover", retries=2, retry_delay_seconds=10, retry_condition_fn=_oom, **_PERSIST)
+def recover(student_dir: InPath, teacher_dir: InPath, data_path: InPath, recovery: dict, removed: list[int],
+            window_range: list[int], out_dir: str, device: str, extra_range: list[int] | None = None) -> dict:
     """Heal the pruned model by distillation from the teacher; save the result."""
     result = steps.recover(student_dir, teacher_dir, data_path, recovery, removed, tuple(window_range),
                            out_dir, device, progress=_loss_logger(recovery["tokens"]),
@@ -159,21 +91,19 @@ def recover(student_dir: str, student_hash: str, teacher_dir: str, teacher_hash:
     return {**_model_out(out_dir), "recovery": result}
 
 
-@task(name="evaluate", **_CACHED)
-def evaluate(model_dir: str, model_hash: str, tasks: str, limit: float | None, device: str, seed: int) -> dict:
+@task(name="evaluate", **_PERSIST)
+def evaluate(model_dir: InPath, tasks: str, limit: float | None, device: str, seed: int) -> dict:
     """lm-eval metrics of a saved model ({} when no task is asked for)."""
     return steps.evaluate(model_dir, tasks, limit, device, seed)
 
 
-@task(name="publish", **_CACHED)
-def publish(model_dir: str, model_hash: str, out_dir: str) -> dict:
+@task(name="publish", **_PERSIST)
+def publish(model_dir: InPath, out_dir: str) -> dict:
     """Copy the last checkpoint to DIR/final."""
     return _model_out(steps.publish(model_dir, out_dir))
 
 
-_STEP_OF = {"prepare-base": "prepare_base", "prepare-data": "prepare_data", "score": "score", "prune": "prune",
-            "recover": "recover", "evaluate": "evaluate", "publish": "publish"}  # task -> steps function
-_TASKS_BY_NAME = {t.name: t for t in (prepare_base, prepare_data, score, prune, recover, evaluate, publish)}
+TASKS = (prepare_base, prepare_data, score, prune, recover, evaluate, publish)
 
 
 def _loss_logger(total_tokens: int):
@@ -196,31 +126,58 @@ class Run:
     """One job's config, options, folders, bound tasks and MLflow parent run."""
 
     cfg: CompressConfig
-    opts: dict
+    opts: FlowOptions
     out: Path
     device: str
     tasks: dict = field(default_factory=dict)
+    made: dict = field(default_factory=dict)  # output path -> (task, params, content hash) of its producer
     job: tracking.Job | None = None
     progress_id: object = None
-
-    def call(self, name: str, **params) -> dict:
-        """Run a task; a cache hit whose output folder was deleted runs again."""
-        out = self.tasks[name](**params)
-        if isinstance(out, dict) and "path" in out and not Path(out["path"]).exists():
-            out = self.tasks[name].with_options(refresh_cache=True)(**params)
-        return out
-
-    def cached(self, name: str, params: dict) -> bool:
-        """Whether a result for these parameters is already stored (without running the task)."""
-        return (self.results_dir / task_key(self.tasks[name].name, params)).exists()
 
     @property
     def results_dir(self) -> Path:
         return Path(os.environ.get(RESULTS_ENV) or self.out / ".prefect-results")
 
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger(self.results_dir)
+
+    def call(self, name: str, **params) -> dict:
+        """A task's result: cached when its code and inputs are unchanged, else computed.
+
+        The one place that repairs the cache: before a task that must run, any of its input
+        folders that is gone or changed since its task made it (a pruned model deleted after
+        its recovery, a checkpoint damaged on disk) is made again by that task.
+        """
+        task = self.tasks[name]
+        if not self.cached(task, params):
+            for arg in input_paths(task.fn):
+                self._remake_if_changed(params.get(arg))
+        out = task(**params)
+        if isinstance(out, dict) and "path" in out:
+            self.made[out["path"]] = (name, params, out["hash"])
+        return out
+
+    def cached(self, task, params: dict) -> bool:
+        """Whether a result for this call is stored (without running the task)."""
+        return (self.results_dir / task_key(task.fn, params, self.ledger)).exists()
+
+    def _remake_if_changed(self, path: str | None) -> None:
+        """Run the producer of `path` again (cache refreshed) if the folder is gone or its content changed."""
+        if path not in self.made:
+            return
+        name, params, digest = self.made[path]
+        if Path(path).exists() and self.ledger.hash(path) == digest:
+            return
+        get_run_logger().warning("%s is %s since %s made it: making it again", path,
+                                 "changed" if Path(path).exists() else "gone", name)
+        for arg in input_paths(self.tasks[name].fn):
+            self._remake_if_changed(params.get(arg))
+        self.tasks[name].with_options(refresh_cache=True)(**params)
+
 
 def _bind_tasks(results_dir: Path) -> dict:
-    """The tasks with result storage in `results_dir` (a saved LocalFileSystem block)."""
+    """The tasks with result storage and the content-key ledger in `results_dir`."""
     from prefect.filesystems import LocalFileSystem
 
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -228,24 +185,29 @@ def _bind_tasks(results_dir: Path) -> dict:
     # Prefect only accepts server-side blocks as task storage; one per results folder.
     block.save(f"iterabre-results-{hashlib.sha256(str(results_dir.resolve()).encode()).hexdigest()[:12]}",
                overwrite=True)
-    named = dict(prepare_base=prepare_base, prepare_data=prepare_data, score=score, prune=prune,
-                 recover=recover, evaluate=evaluate, publish=publish)
-    return {k: t.with_options(result_storage=block) for k, t in named.items()}
+    policy = ContentKey(folder=str(results_dir.resolve()))
+    return {t.fn.__name__: t.with_options(result_storage=block, cache_policy=policy) for t in TASKS}
 
 
-def _start(params: dict) -> Run:
-    """Validate everything, connect to MLflow, open (or resume) the parent run; no compute yet."""
-    from iterabre.models import resolve_device
+def _config(params: dict) -> tuple[CompressConfig, FlowOptions]:
+    """The job's config and options from the flow parameters, validated; nothing touched yet."""
+    opts = FlowOptions(**{f.name: params.pop(f.name) for f in dataclasses.fields(FlowOptions)})
+    params["recovery"] = {**dataclasses.asdict(R), **(params.get("recovery") or {})}
+    cfg = normalise(CompressConfig.from_dict(params))
+    validate(cfg)
+    return cfg, opts
+
+
+def _start(cfg: CompressConfig, opts: FlowOptions) -> Run:
+    """Connect to MLflow, open (or resume) the parent run, bind the tasks; no compute yet."""
     from prefect.runtime import flow_run
 
-    opts = {k: params.pop(k) for k in OPTION_DEFAULTS}
-    params["recovery"] = {**dataclasses.asdict(R), **(params.get("recovery") or {})}
-    cfg = steps.normalise_config(CompressConfig.from_dict(params))
-    steps.validate_config(cfg)
+    from iterabre.devices import resolve_device
+
     client = tracking.connect()
     run = Run(cfg, opts, Path(cfg.output).resolve(), resolve_device(cfg.device))
     run.tasks = _bind_tasks(run.results_dir)
-    run.job = tracking.start_job(client, cfg, {"options": opts}, flow_run.id)
+    run.job = tracking.start_job(client, cfg, {"options": dataclasses.asdict(opts)}, flow_run.id)
     return run
 
 
@@ -259,7 +221,7 @@ def _teacher(run: Run, base: dict, current: dict) -> dict:
 def _recovery_fields(run: Run, teacher: dict, budget: int, data: dict, windows: list) -> dict:
     """What a step record says about its recovery inputs: teacher, budget and windows used."""
     return {"teacher": run.cfg.teacher, "teacher_layers": teacher["num_layers"], "budget": budget,
-            "recovery_windows": [steps.global_windows(data["split"], w) for w in windows if w]}
+            "recovery_windows": [planning.global_windows(data["split"], w) for w in windows if w]}
 
 
 def iteration(run: Run, step: int, current: dict, base: dict, data: dict, k: int, window: list[int],
@@ -268,27 +230,21 @@ def iteration(run: Run, step: int, current: dict, base: dict, data: dict, k: int
 
     `extra_window` adds carry-pool windows for tokens an earlier step left over (adaptive budget).
     """
-    cfg, step_dir = run.cfg, run.out / "steps" / f"step-{step:02d}"
+    cfg = run.cfg
     n = k if cfg.scorer == "angular" else 1  # angular scores runs of k blocks; others single blocks
-    scored = run.call("score", model_dir=current["path"], model_hash=current["hash"], data_path=data["path"],
-                      data_hash=data["hash"], scorer=cfg.scorer, n=n, device=run.device)
-    remove = steps.plan_removal(scored["scores"], k, cfg.scorer, scored["order"])
-    pruned = run.tasks["prune"](model_dir=current["path"], model_hash=current["hash"], remove=remove,
-                                out_dir=str(run.out / "work" / f"step-{step:02d}-pruned"))
+    scored = run.call("score", model_dir=current["path"], data_path=data["path"], scorer=cfg.scorer, n=n,
+                      device=run.device)
+    remove = planning.plan_removal(scored["scores"], k, cfg.scorer, scored["order"])
+    pruned = run.call("prune", model_dir=current["path"], remove=remove,
+                      out_dir=str(run.out / "work" / f"step-{step:02d}-pruned"))
     teacher = _teacher(run, base, current)
-    params = dict(student_dir=pruned["path"], student_hash=pruned["hash"], teacher_dir=teacher["path"],
-                  teacher_hash=teacher["hash"], data_path=data["path"], data_hash=data["hash"],
-                  recovery=steps.step_recovery(cfg, budget), removed=remove, window_range=window,
-                  out_dir=str(step_dir), device=run.device,
-                  extra_range=list(extra_window) if extra_window else None)
-    healed_before = run.cached("recover", params) and step_dir.exists()
-    if not healed_before and not Path(pruned["path"]).exists():
-        run.tasks["prune"].with_options(refresh_cache=True)(  # deleted after its recovery; needed again
-            model_dir=current["path"], model_hash=current["hash"], remove=remove, out_dir=pruned["path"])
-    healed = run.call("recover", **params)
-    if not run.opts["keep_pruned"]:
+    healed = run.call("recover", student_dir=pruned["path"], teacher_dir=teacher["path"], data_path=data["path"],
+                      recovery=planning.step_recovery(cfg, budget), removed=remove, window_range=window,
+                      out_dir=str(run.out / "steps" / f"step-{step:02d}"), device=run.device,
+                      extra_range=list(extra_window) if extra_window else None)
+    if not run.opts.keep_pruned:
         shutil.rmtree(pruned["path"], ignore_errors=True)
-    ev = _evaluate(run, healed) if run.opts["eval_every_step"] else {}
+    ev = _evaluate(run, healed) if run.opts.eval_every_step else {}
     record = {"step": step, "removed": remove, "scores": scored["scores"], "num_layers": healed["num_layers"],
               "recovery": healed["recovery"], "eval": ev, "checkpoint": healed["path"],
               **_recovery_fields(run, teacher, budget, data, [window, extra_window])}
@@ -301,12 +257,10 @@ def final_recovery(run: Run, step: int, current: dict, teacher: dict, data: dict
 
     `removed` is every block removed so far (trainable='adjacent' trains the blocks next to them).
     """
-    healed = run.call("recover", student_dir=current["path"], student_hash=current["hash"],
-                      teacher_dir=teacher["path"], teacher_hash=teacher["hash"], data_path=data["path"],
-                      data_hash=data["hash"], recovery=steps.step_recovery(run.cfg, budget), removed=removed,
-                      window_range=window, out_dir=str(run.out / "steps" / "final-recovery"), device=run.device,
-                      extra_range=None)
-    ev = _evaluate(run, healed) if run.opts["eval_every_step"] else {}
+    healed = run.call("recover", student_dir=current["path"], teacher_dir=teacher["path"], data_path=data["path"],
+                      recovery=planning.step_recovery(run.cfg, budget), removed=removed, window_range=window,
+                      out_dir=str(run.out / "steps" / "final-recovery"), device=run.device, extra_range=None)
+    ev = _evaluate(run, healed) if run.opts.eval_every_step else {}
     record = {"step": step, "name": "final-recovery", "removed": [], "scores": {},
               "num_layers": healed["num_layers"], "recovery": healed["recovery"], "eval": ev,
               "checkpoint": healed["path"], **_recovery_fields(run, teacher, budget, data, [window])}
@@ -315,44 +269,51 @@ def final_recovery(run: Run, step: int, current: dict, teacher: dict, data: dict
 
 def _evaluate(run: Run, model: dict) -> dict:
     """The evaluate task on a model produced by an earlier task."""
-    return run.call("evaluate", model_dir=model["path"], model_hash=model["hash"], tasks=run.cfg.eval_tasks,
-                    limit=run.cfg.eval_limit, device=run.device, seed=run.cfg.seed)
+    return run.call("evaluate", model_dir=model["path"], tasks=run.cfg.eval_tasks, limit=run.cfg.eval_limit,
+                    device=run.device, seed=run.cfg.seed)
 
 
 @flow(name="iterabre", log_prints=True)
-def compress(model: str = D.model, revision: str | None = None, target_layers: int | None = None,
-             target_ratio: float | None = None, scorer: str = D.scorer, schedule: str = D.schedule,
+def compress(model: str = D.model, revision: str | None = D.revision, target_layers: int | None = D.target_layers,
+             target_ratio: float | None = D.target_ratio, scorer: str = D.scorer, schedule: str = D.schedule,
              blocks_per_step: int = D.blocks_per_step, teacher: str = D.teacher, calibration: str = D.calibration,
              calibration_tokens: int = D.calibration_tokens, recovery_tokens: int = D.recovery_tokens,
              budget_schedule: str = D.budget_schedule, final_share: float = D.final_share,
              adaptive_eval_tokens: int = D.adaptive_eval_tokens, adaptive_tol: float = D.adaptive_tol,
-             seq_len: int = D.seq_len, seed: int = D.seed,
-             device: str = D.device, allow_remote_code: bool = False, allow_pickle: bool = False,
+             seq_len: int = D.seq_len, seed: int = D.seed, device: str = D.device,
+             allow_remote_code: bool = D.allow_remote_code, allow_pickle: bool = D.allow_pickle,
              output: str = D.output, eval_tasks: str = D.eval_tasks, eval_limit: float | None = D.eval_limit,
-             recovery: dict | None = None, eval_every_step: bool = False, min_blimp_retained: float = 0.9,
-             max_ppl_ratio: float = 1.5, log_checkpoints: bool = True, keep_pruned: bool = False) -> dict:
-    """Remove decoder blocks from `model` until `target_layers` remain, healing after each step."""
-    run = _start(dict(locals()))
-    try:
-        return _loop(run)
-    except BaseException:
-        tracking.fail_job(run.job)
-        raise
+             recovery: dict | None = None, eval_every_step: bool = O.eval_every_step,
+             min_blimp_retained: float = O.min_blimp_retained, max_ppl_ratio: float = O.max_ppl_ratio,
+             log_checkpoints: bool = O.log_checkpoints, keep_pruned: bool = O.keep_pruned) -> dict:
+    """Remove decoder blocks from `model` until `target_layers` remain, healing after each step.
+
+    Parameters are the fields of `CompressConfig` (`recovery`: a dict of `RecoveryConfig`
+    overrides) and of `FlowOptions`; tests/test_config.py holds them equal.
+    """
+    cfg, opts = _config(dict(locals()))
+    with signals_as_interrupts(), output_lock(Path(cfg.output).resolve()):
+        run = _start(cfg, opts)
+        try:
+            return _loop(run)
+        except BaseException as e:
+            tracking.fail_job(run.job, killed=isinstance(e, KeyboardInterrupt))
+            raise
 
 
 def _loop(run: Run) -> dict:
     """The algorithm: base -> [score, prune, recover]* -> final -> report -> registry."""
     cfg, out = run.cfg, run.out
-    source_hash = steps.hash_path(cfg.model) if Path(cfg.model).exists() else None
-    base = run.call("prepare_base", config=cfg.to_dict(), source_hash=source_hash, work_dir=str(out / "work"))
-    plan = steps.num_steps_for(cfg, base["num_layers"])  # blocks removed per step
-    budget = steps.budget_plan(cfg, len(plan))
-    data = run.call("prepare_data", config=cfg.to_dict(), base_hash=base["hash"], base_dir=base["path"],
-                    work_dir=str(out / "work"), budgets=steps.data_budgets(budget))
+    base = run.call("prepare_base", model=cfg.model, revision=cfg.revision, allow_remote_code=cfg.allow_remote_code,
+                    allow_pickle=cfg.allow_pickle, work_dir=str(out / "work"))
+    plan = planning.num_steps_for(cfg, base["num_layers"])  # blocks removed per step
+    budget = planning.budget_plan(cfg, len(plan))
+    data = run.call("prepare_data", config=cfg.to_dict(), base_dir=base["path"], work_dir=str(out / "work"),
+                    budgets=planning.data_budgets(budget))
     base_eval = _evaluate(run, base)
     _progress(run, 0, len(plan))
     current, records, final_rec = _iterate(run, base, data, plan, budget)
-    final = run.call("publish", model_dir=current["path"], model_hash=current["hash"], out_dir=str(out / "final"))
+    final = run.call("publish", model_dir=current["path"], out_dir=str(out / "final"))
     report = _report(run, base, final, base_eval, _evaluate(run, final), records, budget, data, final_rec)
     return _finish(run, report, final)
 
@@ -364,25 +325,30 @@ def _iterate(run: Run, base: dict, data: dict, plan: list[int], budget: dict) ->
     carry is a pure function of cached results, so a resumed job replays it exactly.
     """
     cfg, n = run.cfg, len(plan)
-    ranges = [list(r) for r in steps.recovery_ranges(steps.data_budgets(budget), cfg.seq_len)]
+    ranges = [list(r) for r in planning.recovery_ranges(planning.data_budgets(budget), cfg.seq_len)]
     pool = tuple(ranges[n]) if budget["carry_pool"] else None  # after the step windows
     current, records, carry, teacher = base, [], 0, base
     for step, k in enumerate(plan, 1):
         given, teacher = budget["steps"][step - 1] + carry, _teacher(run, base, current)
-        extra = steps.carry_range(pool, carry, cfg.seq_len)
+        extra = planning.carry_range(pool, carry, cfg.seq_len)
         current, record = iteration(run, step, current, base, data, k, ranges[step - 1], given,
                                     list(extra) if extra else None)
         record["carried_in"] = carry
-        carry = steps.next_carry(given, record["recovery"]["tokens"]) if budget["schedule"] == "adaptive" else 0
+        carry = planning.next_carry(given, record["recovery"]["tokens"]) if budget["schedule"] == "adaptive" else 0
         records.append(record)
-        tracking.log_step(run.job, record, record["checkpoint"] if run.opts["log_checkpoints"] else None)
+        _log_step(run, record)
         _progress(run, step, n, records)
     if not budget["final"]:
         return current, records, None
     removed = [i for r in records for i in r["removed"]]
     current, record = final_recovery(run, n + 1, current, teacher, data, ranges[n], budget["final"], removed)
-    tracking.log_step(run.job, record, record["checkpoint"] if run.opts["log_checkpoints"] else None)
+    _log_step(run, record)
     return current, records, record
+
+
+def _log_step(run: Run, record: dict) -> None:
+    """The step's MLflow child run (with its checkpoint unless log_checkpoints is off)."""
+    tracking.log_step(run.job, record, record["checkpoint"] if run.opts.log_checkpoints else None)
 
 
 def _progress(run: Run, done: int, total: int, records: list | None = None) -> None:
@@ -407,8 +373,7 @@ def _report(run: Run, base: dict, final: dict, base_eval: dict, final_eval: dict
         version = data_version()
     except Exception as e:  # reports must not fail on a missing data.dvc
         version = {"md5": "unknown", "dirty": None, "error": str(e)}
-    alias, reasons = steps.promotion(base_eval, final_eval, run.opts["min_blimp_retained"],
-                                     run.opts["max_ppl_ratio"])
+    alias, reasons = planning.promotion(base_eval, final_eval, run.opts.min_blimp_retained, run.opts.max_ppl_ratio)
     return {"base_model": run.cfg.model, "base_num_layers": base["num_layers"],
             "final_num_layers": final["num_layers"], "removed_layers": [i for r in records for i in r["removed"]],
             "config": run.cfg.to_dict(), "data_version": version, "base_eval": base_eval,
@@ -434,7 +399,7 @@ def _finish(run: Run, report: dict, final: dict) -> dict:
     promo = report["promotion"]
     report["registry"] = tracking.register_final(run.job, run.cfg.model, final["path"], promo["alias"],
                                                  promo["reasons"])
-    files = [steps.write_json(report, run.out / "report.json"), *write_report(report, run.out)]
+    files = [write_json(report, run.out / "report.json"), *write_report(report, run.out)]
     tracking.finish_job(run.job, [str(p) for p in files])
     get_run_logger().info("final model %s (%d blocks) registered as %s", final["path"], final["num_layers"],
                           report["registry"]["uri"])
@@ -444,11 +409,8 @@ def _finish(run: Run, report: dict, final: dict) -> dict:
 # ---------------------------------------------------------------- entry points
 
 def flow_parameters(cfg: CompressConfig, **options) -> dict:
-    """The flow's keyword arguments for a CompressConfig (+ optional flow options)."""
-    unknown = set(options) - set(OPTION_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown flow options {sorted(unknown)}")
-    return {**cfg.to_dict(), **options}
+    """The flow's keyword arguments for a CompressConfig (+ FlowOptions fields)."""
+    return {**cfg.to_dict(), **dataclasses.asdict(FlowOptions(**options))}
 
 
 def _metric_lines(report: dict) -> list[str]:
@@ -469,9 +431,10 @@ class _UserErrorsWithoutTraceback(logging.Filter):
 
 
 def run_from_cli(cfg: CompressConfig, **options) -> dict:
-    """Run the flow in this process (Prefect's ephemeral API) and print where everything is."""
+    """Run the flow in this process (Prefect's in-process API) and print where everything is."""
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
+    ensure_prefect_api()
     report = compress(**flow_parameters(cfg, **options))
     out = Path(cfg.output).resolve()
     print(f"\nremoved blocks {report['removed_layers']}: {report['base_num_layers']} -> "
@@ -480,7 +443,7 @@ def run_from_cli(cfg: CompressConfig, **options) -> dict:
     print(f"final model: {out / 'final'}\nreport:      {out / 'report.md'}")
     print(f"registry:    {report['registry']['uri']} (version {report['registry']['version']})")
     print(f"MLflow UI:   mlflow ui --backend-store-uri {tracking.tracking_uri()}")
-    # The ephemeral server says goodbye from an atexit hook, after the console it would log to
+    # The in-process server says goodbye from an atexit hook, after the console it would log to
     # is closed ("--- Logging error ---"). Hooks run last-in first-out, so this one, registered
     # after the server's, mutes that info line at exit and nothing before it.
     atexit.register(logging.getLogger("prefect").setLevel, logging.WARNING)

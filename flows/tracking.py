@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from iterabre.config import CompressConfig
 from iterabre.errors import IterabreError
+from iterabre.files import git_commit
 from iterabre.paths import REPO_ROOT
 
 EXPERIMENT = os.environ.get("ITERABRE_MLFLOW_EXPERIMENT", "iterabre")
@@ -39,11 +39,40 @@ def _artifact_root(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
 
 
+def _probe_server(uri: str, timeout_s: float = 10, tries: int = 2) -> None:
+    """For an HTTP tracking URI: refuse, in one line, a server that does not answer `/health`.
+
+    MLflow's own client retries a dead server with backoff for minutes; this answers in seconds.
+    """
+    import time
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    started, error = time.monotonic(), None
+    for attempt in range(tries):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+            return
+        except urllib.error.HTTPError:
+            return  # it answered (auth or a proxy path): the query below says more
+        except OSError as e:
+            error = e
+            if attempt + 1 < tries:
+                time.sleep(2)
+    raise IterabreError(f"the MLflow tracking server {uri} is unreachable: it did not answer ({tries} tries in "
+                        f"{time.monotonic() - started:.0f} s: {getattr(error, 'reason', error)}).",
+                        "start it (`mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000`), fix "
+                        "MLFLOW_TRACKING_URI, or unset it to use the embedded SQLite store")
+
+
 def connect(uri: str | None = None):
     """An MlflowClient on `uri` that has answered one query (fails here, before any compute)."""
     from mlflow.tracking import MlflowClient
 
     uri = uri or tracking_uri()
+    _probe_server(uri)
     try:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_experiments(max_results=1)
@@ -77,15 +106,6 @@ def flatten(data: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[f"{prefix}{key}"] = "None" if value is None else str(value)
     return out
-
-
-def git_commit() -> str:
-    """HEAD of the repository holding this code, or 'unknown' (not a git checkout, no commit yet)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
 def _data_tags() -> dict[str, str]:
@@ -230,21 +250,35 @@ def log_evals(job: Job, base_eval: dict, final_eval: dict) -> None:
 
 
 def register_final(job: Job, model: str, final_dir: str, alias: str, reasons: list[str]) -> dict:
-    """Log DIR/final on the parent run, register it as a new version and set its alias."""
+    """Log DIR/final on the parent run, register it as a new version and set its alias.
+
+    Idempotent per parent run: a job killed after registering reuses its version on resume.
+    """
     client = job.client
     name = registered_name(model)
-    client.log_artifacts(job.run_id, final_dir, "final")
-    try:
-        client.get_registered_model(name)
-    except Exception:  # MlflowException(RESOURCE_DOES_NOT_EXIST); the type varies across stores
-        client.create_registered_model(name, description="Block-pruned and recovered models made by iterabre.")
-    version = client.create_model_version(name, source=f"{job.artifact_uri}/final", run_id=job.run_id,
-                                          description="; ".join(reasons))
-    client.set_registered_model_alias(name, alias, version.version)
-    client.set_model_version_tag(name, version.version, "iterabre.gates", "; ".join(reasons))
-    for k, v in {"registry.name": name, "registry.version": str(version.version), "registry.alias": alias}.items():
+    mine = _registered_version(client, name, job.run_id)
+    if mine is None:
+        client.log_artifacts(job.run_id, final_dir, "final")
+        try:
+            client.get_registered_model(name)
+        except Exception:  # MlflowException(RESOURCE_DOES_NOT_EXIST); the type varies across stores
+            client.create_registered_model(name, description="Block-pruned and recovered models made by iterabre.")
+        mine = client.create_model_version(name, source=f"{job.artifact_uri}/final", run_id=job.run_id,
+                                           description="; ".join(reasons)).version
+    client.set_registered_model_alias(name, alias, mine)
+    client.set_model_version_tag(name, mine, "iterabre.gates", "; ".join(reasons))
+    for k, v in {"registry.name": name, "registry.version": str(mine), "registry.alias": alias}.items():
         client.set_tag(job.run_id, k, v)
-    return {"name": name, "version": int(version.version), "alias": alias, "uri": f"models:/{name}@{alias}"}
+    return {"name": name, "version": int(mine), "alias": alias, "uri": f"models:/{name}@{alias}"}
+
+
+def _registered_version(client, name: str, run_id: str) -> str | None:
+    """The version of `name` this parent run registered already, if any."""
+    try:
+        found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except Exception:  # no such registered model yet
+        return None
+    return found[0].version if found else None
 
 
 def finish_job(job: Job, files: list[str]) -> None:
@@ -254,6 +288,6 @@ def finish_job(job: Job, files: list[str]) -> None:
     job.client.set_terminated(job.run_id, "FINISHED")
 
 
-def fail_job(job: Job) -> None:
-    """Mark the parent run FAILED (a later identical run resumes it)."""
-    job.client.set_terminated(job.run_id, "FAILED")
+def fail_job(job: Job, killed: bool = False) -> None:
+    """Mark the parent run KILLED (a signal or Ctrl-C) or FAILED; a later identical run resumes it."""
+    job.client.set_terminated(job.run_id, "KILLED" if killed else "FAILED")

@@ -9,6 +9,7 @@ started without waiting (`timeout=0`), so one watch run can fan out to several w
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -17,9 +18,8 @@ from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
 from flows import tracking
-from flows.compress import OPTION_DEFAULTS, compress
-from iterabre import steps
-from iterabre.config import CompressConfig
+from flows.compress import compress
+from iterabre.config import CompressConfig, FlowOptions, normalise, validate
 from iterabre.errors import IterabreError
 from iterabre.paths import REPO_ROOT
 
@@ -52,11 +52,11 @@ def entry_config(entry: dict) -> CompressConfig:
     """The CompressConfig a compress run of this entry will use (flow defaults filled in)."""
     defaults = {k: v.default for k, v in inspect.signature(compress.fn).parameters.items()}
     params = {**defaults, **entry}
-    for key in OPTION_DEFAULTS:
-        params.pop(key)
+    for f in dataclasses.fields(FlowOptions):
+        params.pop(f.name)
     base = CompressConfig()
     params["recovery"] = {**base.to_dict()["recovery"], **(params.get("recovery") or {})}
-    return steps.normalise_config(CompressConfig.from_dict(params))
+    return normalise(CompressConfig.from_dict(params))
 
 
 def entry_parameters(entry: dict) -> dict:
@@ -75,7 +75,7 @@ def watch(watchlist: str = str(DEFAULT_WATCHLIST), deployment: str = "iterabre/c
     entries = load_watchlist(watchlist)
     configs = [entry_config(entry) for entry in entries]
     for cfg in configs:  # one bad entry stops the tick before any run starts
-        steps.validate_config(cfg)
+        validate(cfg)
     for entry, cfg in zip(entries, configs):
         if tracking.finished_jobs(client, cfg.model, cfg.revision, cfg.fingerprint()):
             logger.info("%s@%s %s: already compressed, skipping", cfg.model, cfg.revision, cfg.fingerprint())

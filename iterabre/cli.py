@@ -3,20 +3,24 @@
 Heavy libraries (torch, transformers, prefect, mlflow, dvc) are imported inside the
 commands, so `iterabre --help` answers in well under a second. Every command is wrapped
 so an IterabreError prints one red `error: ...` line and exits 2, and Ctrl-C exits 130.
+The options of `compress` are read from the fields of `iterabre.config` (default, help), so a
+knob is declared there only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import json
 import os
-from dataclasses import fields
+import typing
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from iterabre.config import CompressConfig, RecoveryConfig
+from iterabre.config import CompressConfig, FlowOptions, RecoveryConfig, help_of, validate
 from iterabre.errors import IterabreError
 
 app = typer.Typer(name="iterabre", help="Make LLMs smaller by removing decoder blocks and healing them "
@@ -32,7 +36,6 @@ for _var, _off in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISAB
     os.environ.setdefault(_var, _off)
 
 _DEFAULTS = CompressConfig()
-_RECOVERY_DEFAULTS = RecoveryConfig()
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -58,7 +61,7 @@ def friendly(func):
 @friendly
 def models_pull(name: str = typer.Argument("smollm2-135m", help="Embedded model name.")):
     """Download, verify and convert an embedded model (once; later runs do nothing)."""
-    from iterabre.models import pull_embedded_model
+    from iterabre.embedded import pull_embedded_model
 
     typer.echo(pull_embedded_model(name))
 
@@ -67,7 +70,7 @@ def models_pull(name: str = typer.Argument("smollm2-135m", help="Embedded model 
 @friendly
 def models_list():
     """Embedded models and whether they are pulled."""
-    from iterabre.models import list_models
+    from iterabre.embedded import list_models
 
     for row in list_models():
         state = "pulled" if row["pulled"] else "not pulled"
@@ -76,12 +79,10 @@ def models_list():
 
 # ---------------------------------------------------------------- data
 
-_DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 @data_app.command("import")
 @friendly
-def data_import(source: Path = typer.Option(_DEFAULT_SOURCE, help="Raw corpora (wikitext-2/, blimp/, xcopa/)."),
+def data_import(source: Path = typer.Option(..., help="Folder of the raw corpora (wikitext-2/, blimp/, xcopa/), "
+                                                 "e.g. ../shared/data."),
                 dest: Optional[Path] = typer.Option(None, help="Output folder (default: the repo's data/).")):
     """Convert the raw corpora into parquet files under data/ (then `dvc add data && dvc push`)."""
     from iterabre.data import import_data
@@ -114,72 +115,77 @@ def _parse_limit(value: Optional[str]) -> Optional[float | int]:
     return int(limit) if limit >= 1 and limit.is_integer() else limit  # >= 1 is a count of examples
 
 
-def build_config(recovery_overrides: dict, **options) -> CompressConfig:
-    """A CompressConfig from CLI options (names match the dataclass fields)."""
-    if options.get("target_layers") is not None and options.get("target_ratio") is not None:
+# Recovery fields whose option is not --<name>: the method is the main recovery switch (--recovery),
+# and the job has its own --seed. recovery.tokens is no option: the loop sets it per phase.
+_RECOVERY_PARAMS = {"method": "recovery", "seed": "recovery_seed", "tokens": None}
+_PARSERS = {"eval_limit": _parse_limit}  # options typed as text on the command line, parsed here
+_GROUPS = {"job": (CompressConfig, "Job"), "recovery": (RecoveryConfig, "Recovery (every step)"),
+           "flow": (FlowOptions, "Flow")}
+
+
+def _param_name(group: str, name: str) -> str | None:
+    """The compress parameter of a field (None: not an option; the nested recovery has its own)."""
+    if group == "recovery":
+        return _RECOVERY_PARAMS.get(name, name)
+    return None if name == "recovery" else name
+
+
+def _knobs() -> list[tuple[str, str, dataclasses.Field]]:
+    """(parameter name, group, field) of every compress option: job fields, recovery fields, flow options."""
+    knobs = [(_param_name(group, f.name), group, f) for group, (cls, _) in _GROUPS.items()
+             for f in dataclasses.fields(cls)]
+    return [knob for knob in knobs if knob[0]]
+
+
+def _parameter(name: str, group: str, f: dataclasses.Field) -> inspect.Parameter:
+    """The Typer option of one field: its default and help come from the dataclass."""
+    cls, panel = _GROUPS[group]
+    hint, default = typing.get_type_hints(cls)[f.name], f.default
+    if name in _PARSERS:
+        hint, default = Optional[str], str(default)
+    option = typer.Option(default, help=f.metadata["help"], rich_help_panel=panel)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hint)
+
+
+def options_from_config(func):
+    """Give `func(**values)` one keyword parameter per knob, which Typer turns into --options."""
+    params = [_parameter(*knob) for knob in _knobs()]
+    func.__signature__ = inspect.Signature(params)
+    func.__annotations__ = {p.name: p.annotation for p in params}
+    return func
+
+
+def build_config(values: dict) -> tuple[CompressConfig, dict]:
+    """The CompressConfig and the flow options from the values of the compress options."""
+    if values.get("target_layers") is not None and values.get("target_ratio") is not None:
         raise IterabreError("both --target-layers and --target-ratio were given.", "pass only one of them")
-    known = {f.name for f in fields(CompressConfig)}
-    cfg = CompressConfig(**{k: v for k, v in options.items() if k in known})
-    for key, value in recovery_overrides.items():
-        if value is not None:
-            setattr(cfg.recovery, key, value)
-    return cfg
+    groups = {group: {} for group in _GROUPS}
+    for name, group, f in _knobs():
+        groups[group][f.name] = _PARSERS[name](values[name]) if name in _PARSERS else values[name]
+    return CompressConfig(**groups["job"], recovery=RecoveryConfig(**groups["recovery"])), groups["flow"]
 
 
 @app.command()
 @friendly
-def compress(
-    model: str = typer.Option(_DEFAULTS.model, help="Embedded name, local folder, .gguf file or hub id."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision (commit or tag) for hub ids."),
-    target_layers: Optional[int] = typer.Option(None, help="Blocks to keep at the end."),
-    target_ratio: Optional[float] = typer.Option(None, help="Fraction of blocks to keep, e.g. 0.8."),
-    scorer: str = typer.Option(_DEFAULTS.scorer, help="output | block-influence | angular | perplexity."),
-    schedule: str = typer.Option(_DEFAULTS.schedule, help="iterative (IteRABRe) | one-shot."),
-    blocks_per_step: int = typer.Option(_DEFAULTS.blocks_per_step, help="Blocks removed per iteration."),
-    recovery: str = typer.Option(_RECOVERY_DEFAULTS.method, help="none | kd | lora-kd | reconstruct | reconstruct+kd."),
-    recovery_tokens: int = typer.Option(_DEFAULTS.recovery_tokens, help="Total recovery token budget."),
-    calibration_tokens: int = typer.Option(_DEFAULTS.calibration_tokens, help="Tokens used to score blocks."),
-    seq_len: int = typer.Option(_DEFAULTS.seq_len, help="Tokens per sequence."),
-    teacher: str = typer.Option(_DEFAULTS.teacher, help="base | previous."),
-    budget_schedule: str = typer.Option(_DEFAULTS.budget_schedule,
-                                        help="Split of the recovery budget: equal | increasing | final | adaptive."),
-    final_share: float = typer.Option(_DEFAULTS.final_share, help="final: share of the budget spent after the last removal."),
-    adaptive_eval_tokens: int = typer.Option(_DEFAULTS.adaptive_eval_tokens,
-                                             help="adaptive: tokens between held-out KD checks."),
-    adaptive_tol: float = typer.Option(_DEFAULTS.adaptive_tol,
-                                       help="adaptive: stop a step when held-out KD improves by less (relative)."),
-    calibration: str = typer.Option(_DEFAULTS.calibration, help="wikitext | self-generated."),
-    seed: int = typer.Option(_DEFAULTS.seed, help="Seed for data sampling, training and generation."),
-    device: str = typer.Option(_DEFAULTS.device, help="auto | cpu | cuda."),
-    output: str = typer.Option(_DEFAULTS.output, help="Folder for final/, checkpoints and report.json."),
-    eval_tasks: str = typer.Option(_DEFAULTS.eval_tasks, help="Comma-separated lm-eval tasks ('' = none)."),
-    eval_limit: Optional[str] = typer.Option(str(_DEFAULTS.eval_limit), help="Per-task limit: fraction, count or none."),
-    allow_remote_code: bool = typer.Option(False, help="Allow models that ship their own Python code."),
-    allow_pickle: bool = typer.Option(False, help="Allow .bin/.pt (pickle) weights."),
-    lr: Optional[float] = typer.Option(None, help=f"Recovery learning rate (default {_RECOVERY_DEFAULTS.lr})."),
-    batch_size: Optional[int] = typer.Option(None, help=f"Recovery batch size (default {_RECOVERY_DEFAULTS.batch_size})."),
-    trainable: Optional[str] = typer.Option(None, help="all | lora | adjacent (default all)."),
-):
+@options_from_config
+def compress(**values):
     """Remove decoder blocks from a model and heal it (runs the Prefect flow, logs to MLflow)."""
-    options = dict(locals())
-    overrides = {"method": options.pop("recovery"), "lr": options.pop("lr"),
-                 "batch_size": options.pop("batch_size"), "trainable": options.pop("trainable")}
-    options["eval_limit"] = _parse_limit(options["eval_limit"])
-    cfg = build_config(overrides, **options)
+    cfg, options = build_config(values)
+    validate(cfg)  # a bad value fails here, before Prefect and MLflow start
     from flows.compress import run_from_cli
 
-    run_from_cli(cfg)
+    run_from_cli(cfg, **options)
 
 
 @app.command()
 @friendly
 def evaluate(
-    model: str = typer.Option(_DEFAULTS.model, help="Embedded name, local folder, .gguf file or hub id."),
+    model: str = typer.Option(_DEFAULTS.model, help=help_of(CompressConfig, "model")),
     tasks: str = typer.Option(_DEFAULTS.eval_tasks, help="Comma-separated tasks (wikitext, blimp, xcopa, ...)."),
-    limit: Optional[str] = typer.Option(str(_DEFAULTS.eval_limit), help="Per-task limit: fraction, count or none."),
+    limit: Optional[str] = typer.Option(str(_DEFAULTS.eval_limit), help=help_of(CompressConfig, "eval_limit")),
     output: Optional[str] = typer.Option(None, help="Folder for results.json and the report."),
     batch_size: int = typer.Option(8, help="Evaluation batch size."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    device: str = typer.Option(_DEFAULTS.device, help=help_of(CompressConfig, "device")),
 ):
     """Evaluate a model with lm-eval on local data and print the metrics."""
     from iterabre.evaluation import run_evaluate

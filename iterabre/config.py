@@ -1,73 +1,101 @@
-"""Configuration dataclasses: one field per knob, each with a comment saying why it exists.
+"""The job's knobs, declared once: type, default, one-line help and allowed values per field.
 
 `CompressConfig` is what `iterabre compress` and the Prefect flow take; it is plain data
 (JSON-serialisable) so it can be hashed for caching and logged to MLflow as parameters.
+`FlowOptions` steer a run without changing its model. The CLI options, the flow parameters
+and the checks (`normalise`, `validate`) are all read from these fields, so a knob is added
+or changed here only. Nothing heavy is imported at module level: `iterabre --help` reads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass, field
+
+from iterabre.errors import IterabreError
+
+SCHEDULES = ("iterative", "one-shot")
+TEACHERS = ("base", "previous")
+CALIBRATIONS = ("wikitext", "self-generated")
+BUDGET_SCHEDULES = ("equal", "increasing", "final", "adaptive")
+BUDGET_ALIASES = {"linear": "increasing"}  # the first name of 'increasing'; old configs keep working
+
+
+def knob(default, help: str, choices: tuple | str | None = None, aliases: dict | None = None):
+    """A dataclass field with its help and, optionally, its allowed values (a tuple or a lazy 'module:NAME')."""
+    meta = {"help": help}
+    if choices is not None:
+        meta.update(choices=choices, aliases=aliases or {})
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class RecoveryConfig:
     """How one recovery (healing) phase trains the pruned student."""
 
-    method: str = "kd"  # none | kd | lora-kd | reconstruct | reconstruct+kd
-    tokens: int = 4096  # budget of this phase; the loop sets it from the total budget
-    batch_size: int = 4  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 5e-5  # peak learning rate (AdamW)
-    lr_schedule: str = "cosine"  # cosine | constant (after a short linear warmup)
-    warmup_frac: float = 0.05  # fraction of steps spent warming up
-    weight_decay: float = 0.0  # AdamW weight decay
-    temperature: float = 1.0  # KD softmax temperature (loss is scaled by T^2)
-    kd_weight: float = 1.0  # weight of forward KL(teacher || student)
-    ce_weight: float = 0.0  # weight of next-token cross-entropy on the text
-    hidden_weight: float = 0.0  # weight of MSE between final hidden states
-    trainable: str = "all"  # all | lora | adjacent (blocks next to the removed one)
-    lora_rank: int = 8  # LoRA rank when trainable == lora (or method == lora-kd)
-    lora_alpha: int = 16  # LoRA alpha
-    grad_checkpointing: bool = False  # trade compute for memory on big models
-    bf16: bool = True  # bf16 autocast when on CUDA (ignored on CPU)
-    max_loss_ratio: float = 4.0  # guard: abort + restore if loss > ratio * first loss
-    early_stop_tokens: int = 0  # > 0: held-out KD loss every this many tokens, stop on a plateau
-    early_stop_tol: float = 0.01  # plateau = relative held-out improvement below this
-    ridge: float = 0.3  # reconstruct: ridge (relative to mean Gram diagonal), pulls towards current weights; 0.3 measured best on SmolLM2
-    seed: int = 0  # data order and init of adapters
+    method: str = knob("kd", "Recovery method: none | kd | lora-kd | reconstruct | reconstruct+kd.",
+                       "iterabre.recovery:RECOVERY_METHODS")
+    tokens: int = knob(4096, "Token budget of this phase; the loop sets it from the total budget.")
+    batch_size: int = knob(4, "Recovery sequences per micro-batch.")
+    grad_accum: int = knob(1, "Micro-batches per optimizer step.")
+    lr: float = knob(5e-5, "Peak recovery learning rate (AdamW).")
+    lr_schedule: str = knob("cosine", "Learning-rate schedule after a short linear warmup: cosine | constant.",
+                            "iterabre.recovery:LR_SCHEDULES")
+    warmup_frac: float = knob(0.05, "Fraction of recovery steps spent warming up.")
+    weight_decay: float = knob(0.0, "AdamW weight decay.")
+    temperature: float = knob(1.0, "KD softmax temperature (the loss is scaled by T^2).")
+    kd_weight: float = knob(1.0, "Weight of forward KL(teacher || student).")
+    ce_weight: float = knob(0.0, "Weight of next-token cross-entropy on the text.")
+    hidden_weight: float = knob(0.0, "Weight of the MSE between final hidden states.")
+    trainable: str = knob("all", "What recovery trains: all | lora | adjacent (blocks next to the removed ones).",
+                          "iterabre.recovery:TRAINABLE")
+    lora_rank: int = knob(8, "LoRA rank when trainable is lora (or method is lora-kd).")
+    lora_alpha: int = knob(16, "LoRA alpha.")
+    grad_checkpointing: bool = knob(False, "Trade compute for memory on big models.")
+    bf16: bool = knob(True, "bf16 autocast on CUDA (ignored on CPU).")
+    max_loss_ratio: float = knob(4.0, "Guard: abort and restore if the loss exceeds this ratio of the first loss.")
+    early_stop_tokens: int = knob(0, "> 0: held-out KD loss every this many tokens, stop on a plateau.")
+    early_stop_tol: float = knob(0.01, "Plateau = relative held-out improvement below this.")
+    ridge: float = knob(0.3, "reconstruct: ridge relative to the mean Gram diagonal, pulls towards the current "
+                             "weights (0.3 measured best on SmolLM2).")
+    seed: int = knob(0, "Recovery data order and adapter init.")
 
 
 @dataclass
 class CompressConfig:
     """One compression job: which model, how small, how to score, how to heal."""
 
-    model: str = "smollm2-135m"  # embedded name, local dir, .gguf file or hub id
-    revision: str | None = None  # hub revision (commit/tag) when model is a hub id
-    target_layers: int | None = None  # blocks to keep at the end (or use target_ratio)
-    target_ratio: float | None = None  # fraction of blocks to keep, e.g. 0.8
-    scorer: str = "output"  # output | block-influence | angular | perplexity
-    schedule: str = "iterative"  # iterative (IteRABRe) | one-shot (baseline)
-    blocks_per_step: int = 1  # blocks removed per iteration (iterative schedule)
-    teacher: str = "base"  # base | previous: whom the student distils from
-    calibration: str = "wikitext"  # wikitext | self-generated
-    calibration_tokens: int = 2048  # tokens used to score blocks
-    recovery_tokens: int = 8192  # total recovery budget over all steps (paper: 2.5M)
-    budget_schedule: str = "increasing"  # equal | increasing | final | adaptive; increasing won docs/BENCHMARKS.md §7
-    final_share: float = 0.2  # budget_schedule=final: share of the total spent after the last removal
-    adaptive_eval_tokens: int = 1024  # budget_schedule=adaptive: tokens between held-out KD checks
-    adaptive_tol: float = 0.01  # budget_schedule=adaptive: stop when held-out KD improves < this (relative)
-    seq_len: int = 128  # tokens per calibration / recovery sequence
-    seed: int = 0  # seeds data sampling, training and generation
-    device: str = "auto"  # auto | cpu | cuda
-    allow_remote_code: bool = False  # trust_remote_code models need an explicit yes
-    allow_pickle: bool = False  # .bin (pickle) weights need an explicit yes
-    output: str = "outputs/run"  # where final/, step checkpoints and report.json go
-    eval_tasks: str = "wikitext,blimp,xcopa"  # lm-eval tasks run on base and final model
-    eval_limit: float | None = 0.02  # per-task limit: fraction (<1) or count; None = full (~2 min on CPU)
-    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)  # recovery per step
+    model: str = knob("smollm2-135m", "Embedded name, local folder, .gguf file or hub id.")
+    revision: str | None = knob(None, "Hub revision (commit or tag) when the model is a hub id.")
+    target_layers: int | None = knob(None, "Blocks to keep at the end (or give a target ratio).")
+    target_ratio: float | None = knob(None, "Fraction of blocks to keep, e.g. 0.8.")
+    scorer: str = knob("output", "How blocks are scored: output | block-influence | angular | perplexity.",
+                       "iterabre.scorers:SCORERS")
+    schedule: str = knob("iterative", "iterative (IteRABRe) | one-shot (baseline).", SCHEDULES)
+    blocks_per_step: int = knob(1, "Blocks removed per iteration (iterative schedule).")
+    teacher: str = knob("base", "Whom the student distils from: base | previous.", TEACHERS)
+    calibration: str = knob("wikitext", "Scoring and recovery text: wikitext | self-generated.", CALIBRATIONS)
+    calibration_tokens: int = knob(2048, "Tokens used to score blocks.")
+    recovery_tokens: int = knob(8192, "Total recovery budget over all steps (paper: 2.5M).")
+    budget_schedule: str = knob("increasing", "Split of the recovery budget: equal | increasing | final | adaptive "
+                                              "(increasing won docs/BENCHMARKS.md §7).",
+                                BUDGET_SCHEDULES, BUDGET_ALIASES)
+    final_share: float = knob(0.2, "final: share of the budget spent after the last removal.")
+    adaptive_eval_tokens: int = knob(1024, "adaptive: tokens between held-out KD checks.")
+    adaptive_tol: float = knob(0.01, "adaptive: stop a step when held-out KD improves by less (relative).")
+    seq_len: int = knob(128, "Tokens per calibration / recovery sequence.")
+    seed: int = knob(0, "Seed for data sampling, training and generation.")
+    device: str = knob("auto", "auto | cpu | cuda.")
+    allow_remote_code: bool = knob(False, "Allow models that ship their own Python code (trust_remote_code).")
+    allow_pickle: bool = knob(False, "Allow .bin/.pt (pickle) weights.")
+    output: str = knob("outputs/run", "Folder for final/, step checkpoints and report.json.")
+    eval_tasks: str = knob("wikitext,blimp,xcopa", "Comma-separated lm-eval tasks run on base and final model "
+                                                   "('' = none).")
+    eval_limit: float | None = knob(0.02, "Per-task limit: fraction (<1), count or none (full, ~2 min on CPU).")
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig, metadata={"help": "Recovery per step."})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,3 +112,127 @@ class CompressConfig:
         data.pop("output")
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class FlowOptions:
+    """Options of the flow that are not part of the job: they never change the model or its fingerprint."""
+
+    eval_every_step: bool = knob(False, "Evaluate after every step too (slower; per-step metrics in the report).")
+    min_blimp_retained: float = knob(0.9, "Champion gate: final BLiMP accuracy / base accuracy at least this.")
+    max_ppl_ratio: float = knob(1.5, "Champion gate: final wikitext perplexity / base perplexity at most this.")
+    log_checkpoints: bool = knob(True, "Log every step's checkpoint to MLflow as an artifact.")
+    keep_pruned: bool = knob(False, "Keep each step's pruned, not yet healed copy (debugging; costs disk).")
+
+
+def help_of(cls: type, name: str) -> str:
+    """The one-line help of field `name` of dataclass `cls`."""
+    return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
+
+
+def choices_of(f: dataclasses.Field) -> tuple[str, ...] | None:
+    """Allowed values of a field (None: any); a 'module:NAME' reference is imported only now."""
+    choices = f.metadata.get("choices")
+    if isinstance(choices, str):  # the registry lives with its code (torch), so it is read lazily
+        module, name = choices.split(":")
+        choices = getattr(importlib.import_module(module), name)
+    return None if choices is None else tuple(choices)
+
+
+# ---------------------------------------------------------------- checks
+
+def one_of(value: str, allowed, what: str) -> None:
+    """Raise unless `value` is one of `allowed`."""
+    if value not in allowed:
+        raise IterabreError(f"unknown {what} {value!r}.", f"use one of {', '.join(allowed)}")
+
+
+def budget_schedule_name(name: str) -> str:
+    """The canonical budget schedule for `name` ('linear' -> 'increasing'); IterabreError if unknown."""
+    name = BUDGET_ALIASES.get(name, name)
+    one_of(name, BUDGET_SCHEDULES, "budget_schedule")
+    return name
+
+
+def _check_choices(obj, prefix: str = "") -> None:
+    """Every field that declares its allowed values holds one of them (or an alias of one)."""
+    for f in dataclasses.fields(obj):
+        allowed = choices_of(f)
+        if allowed is not None:
+            value = getattr(obj, f.name)
+            one_of(f.metadata["aliases"].get(value, value), allowed, prefix + f.name)
+
+
+def _check_target(cfg: CompressConfig) -> None:
+    """Exactly one of target_layers / target_ratio, each in range."""
+    if (cfg.target_layers is None) == (cfg.target_ratio is None):
+        raise IterabreError("give exactly one of target_layers and target_ratio.",
+                            "pass --target-layers N (blocks to keep) or --target-ratio R (e.g. 0.8)")
+    if cfg.target_layers is not None and (not isinstance(cfg.target_layers, int) or cfg.target_layers < 1):
+        raise IterabreError(f"target_layers={cfg.target_layers} must be an integer >= 1.",
+                            "pass the number of blocks to keep")
+    if cfg.target_ratio is not None and not 0 < cfg.target_ratio < 1:
+        raise IterabreError(f"target_ratio={cfg.target_ratio} must be between 0 and 1.",
+                            "pass the fraction of blocks to keep, e.g. 0.8")
+
+
+def _check_sizes(cfg: CompressConfig) -> None:
+    """Token counts, sequence length, step size and eval limit are positive where they must be."""
+    if cfg.seq_len < 2 or cfg.calibration_tokens < cfg.seq_len or cfg.recovery_tokens < 0:
+        raise IterabreError(
+            f"need seq_len >= 2, calibration_tokens >= seq_len and recovery_tokens >= 0 (got {cfg.seq_len}, "
+            f"{cfg.calibration_tokens}, {cfg.recovery_tokens}).", "fix the token counts")
+    if cfg.blocks_per_step < 1:
+        raise IterabreError(f"blocks_per_step={cfg.blocks_per_step} must be >= 1.", "pass --blocks-per-step 1")
+    if cfg.eval_limit is not None and not cfg.eval_limit > 0:
+        raise IterabreError(f"eval_limit={cfg.eval_limit} must be positive or None.", "pass e.g. 0.05 or none")
+
+
+def _check_budget(cfg: CompressConfig) -> None:
+    """The budget schedule's knobs are usable."""
+    if not 0 <= cfg.final_share < 1:
+        raise IterabreError(f"final_share={cfg.final_share} must be in [0, 1).", "pass e.g. --final-share 0.2")
+    if cfg.adaptive_eval_tokens < 1 or not cfg.adaptive_tol >= 0:
+        raise IterabreError(f"need adaptive_eval_tokens >= 1 and adaptive_tol >= 0 (got {cfg.adaptive_eval_tokens}, "
+                            f"{cfg.adaptive_tol}).", "pass e.g. --adaptive-eval-tokens 1024 --adaptive-tol 0.01")
+
+
+def _check_recovery(rec: RecoveryConfig) -> None:
+    """Recovery method and its options name things that exist."""
+    _check_choices(rec, "recovery ")
+    if not rec.lr > 0 or rec.batch_size < 1 or rec.grad_accum < 1:
+        raise IterabreError(f"recovery needs lr > 0, batch_size >= 1, grad_accum >= 1 (got {rec.lr}, "
+                            f"{rec.batch_size}, {rec.grad_accum}).", "fix the recovery settings")
+
+
+def _as_declared(value, annotation: str):
+    """An int given for a float field becomes a float (JSON and Prefect turn 2 into 2.0 or back)."""
+    if isinstance(value, int) and not isinstance(value, bool) and annotation.startswith("float"):
+        return float(value)
+    return value
+
+
+def normalise(cfg: CompressConfig) -> CompressConfig:
+    """Same config with numbers in their declared types, so equal jobs get equal fingerprints."""
+    def fix(obj):
+        return {f.name: _as_declared(getattr(obj, f.name), str(f.type)) for f in dataclasses.fields(obj)
+                if f.name != "recovery"}
+    return CompressConfig(**fix(cfg), recovery=RecoveryConfig(**fix(cfg.recovery)))
+
+
+def validate(cfg: CompressConfig) -> None:
+    """Refuse a bad job before any compute: names, ranges, device, target."""
+    from iterabre.devices import resolve_device
+
+    if not cfg.model:
+        raise IterabreError("no model was given.", "pass --model (embedded name, folder, .gguf or hub id)")
+    _check_target(cfg)
+    _check_choices(cfg)
+    _check_budget(cfg)
+    _check_sizes(cfg)
+    _check_recovery(cfg.recovery)
+    resolve_device(cfg.device)
+    if cfg.eval_tasks.strip():
+        from iterabre.evaluation import parse_tasks
+
+        parse_tasks(cfg.eval_tasks)

@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from iterabre.atomic import atomic_dir
+from iterabre.files import atomic_dir
 from iterabre.errors import IterabreError
-from iterabre.paths import REPO_ROOT, data_dir
+from iterabre.paths import REPO_ROOT, data_dir, require_dir_or_absent
 
 if TYPE_CHECKING:  # torch is imported lazily so `iterabre data version` starts fast
     import torch
@@ -117,18 +117,30 @@ def _import_xcopa(src: Path, dst: Path) -> None:
 
 def _check_source(src: Path) -> None:
     """Fail early, naming what is missing, before anything is written."""
-    needed = [src / "wikitext-2" / "valid.txt", src / "wikitext-2" / "test.txt",
-              src / "blimp", src / "xcopa" / "data", src / "xcopa" / "LICENSE.md"]
-    missing = [str(p) for p in needed if not p.exists()]
+    fix = "pass --source pointing at the raw shared/data folder (wikitext-2/, blimp/, xcopa/), or run `dvc pull`"
+    if not src.is_dir():
+        raise IterabreError(f"data source {src} {'is a file, not a folder' if src.exists() else 'does not exist'}.",
+                            fix)
+    needed = ["wikitext-2/valid.txt", "wikitext-2/test.txt", "blimp/", "xcopa/data/", "xcopa/LICENSE.md"]
+    missing = [name for name in needed if not (src / name).exists()]
     if missing:
-        raise IterabreError(f"data source {src} is incomplete (missing {', '.join(missing)}).",
-                            "pass --source pointing at the raw shared/data folder, or run `dvc pull`")
+        raise IterabreError(f"data source {src} is incomplete (missing {', '.join(missing)}).", fix)
+
+
+def _check_dest(dst: Path) -> None:
+    """The destination is replaced as a whole: refuse a file, or a folder that is not an earlier import."""
+    fix = "pass --dest a new folder or an earlier import (the repository's data/)"
+    require_dir_or_absent(dst, "data destination", fix)
+    if dst.is_dir() and any(dst.iterdir()) and not (dst / "wikitext-2").is_dir():
+        raise IterabreError(f"data destination {dst} is a folder with other content (no wikitext-2/ from an "
+                            "earlier import); importing would replace all of it.", fix)
 
 
 def import_data(source: str | os.PathLike, dest: str | os.PathLike | None = None) -> Path:
     """Convert the raw corpora in `source` into parquet files in `dest` (atomic: temp dir + rename)."""
-    src, dst = Path(source).resolve(), Path(dest) if dest else data_dir()
+    src, dst = Path(source).expanduser().resolve(), Path(dest).expanduser() if dest else data_dir()
     _check_source(src)
+    _check_dest(dst)
     with atomic_dir(dst) as tmp:
         _import_wikitext(src, tmp)
         _import_blimp(src, tmp)

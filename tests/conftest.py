@@ -49,7 +49,7 @@ def tiny_lm(request):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real SmolLM2-135M as a safetensors directory (pulled once; offline after)."""
-    from iterabre.models import pull_embedded_model
+    from iterabre.embedded import pull_embedded_model
 
     return pull_embedded_model("smollm2-135m")
 

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from iterabre import steps
-from iterabre.config import CompressConfig, RecoveryConfig
+from iterabre import planning, steps
+from iterabre.config import BUDGET_SCHEDULES, CompressConfig, RecoveryConfig, validate
 from iterabre.errors import IterabreError
 from iterabre.recovery import Plateau, plateaued, plan_steps, recover, within_budget
 from iterabre.surgery import remove_blocks
@@ -25,8 +25,8 @@ def _cfg(**kw) -> CompressConfig:
 @pytest.mark.parametrize("total, n, batch", [(1000, 4, 1), (1001, 3, 4), (8192, 6, 4), (7, 5, 1), (8192, 4, 4)])
 def test_every_schedule_spends_exactly_the_total_in_whole_micro_batches(total, n, batch):
     unit = 32 * batch
-    for schedule in steps.BUDGET_SCHEDULES:
-        plan = steps.budget_plan(_cfg(recovery_tokens=total, budget_schedule=schedule,
+    for schedule in BUDGET_SCHEDULES:
+        plan = planning.budget_plan(_cfg(recovery_tokens=total, budget_schedule=schedule,
                                       recovery=RecoveryConfig(batch_size=batch)), n)
         assert len(plan["steps"]) == n and min(plan["steps"]) >= 0
         assert all(b % unit == 0 for b in plan["steps"] + [plan["final"]]), schedule
@@ -35,7 +35,7 @@ def test_every_schedule_spends_exactly_the_total_in_whole_micro_batches(total, n
 
 def test_phases_train_exactly_their_budget_so_schedules_compare_at_equal_tokens():
     """plan_steps on full windows spends a whole-micro-batch budget exactly (no round-up)."""
-    plan = steps.budget_plan(_cfg(recovery_tokens=8192, budget_schedule="increasing", seq_len=128,
+    plan = planning.budget_plan(_cfg(recovery_tokens=8192, budget_schedule="increasing", seq_len=128,
                                   recovery=RecoveryConfig(batch_size=4)), 4)
     mask = torch.ones(64, 128, dtype=torch.long)
     used = [sum(int(mask[i].sum()) for micro in plan_steps(mask, 4, 1, budget, seed=0) for i in micro)
@@ -45,48 +45,48 @@ def test_phases_train_exactly_their_budget_so_schedules_compare_at_equal_tokens(
 
 
 def test_schedule_shapes():
-    equal = steps.step_budgets(1000, 4, "equal")
+    equal = planning.step_budgets(1000, 4, "equal")
     assert equal == [250, 250, 250, 250]
-    increasing = steps.step_budgets(1000, 4, "increasing")
+    increasing = planning.step_budgets(1000, 4, "increasing")
     assert increasing == [100, 200, 300, 400]  # weights 1..S
-    assert steps.step_budgets(1000, 4, "linear") == increasing  # old name still accepted
-    final = steps.budget_plan(_cfg(recovery_tokens=1280, budget_schedule="final", final_share=0.2), 4)
+    assert planning.step_budgets(1000, 4, "linear") == increasing  # old name still accepted
+    final = planning.budget_plan(_cfg(recovery_tokens=1280, budget_schedule="final", final_share=0.2), 4)
     assert final["steps"] == [256, 256, 256, 256] and final["final"] == 256 and final["carry_pool"] == 0
-    adaptive = steps.budget_plan(_cfg(budget_schedule="adaptive"), 4)
+    adaptive = planning.budget_plan(_cfg(budget_schedule="adaptive"), 4)
     assert adaptive["steps"] == [256, 256, 256, 256] and adaptive["final"] == 0
     assert adaptive["carry_pool"] == 768  # at most everything but the last share can be carried
-    assert steps.data_budgets(adaptive) == [256, 256, 256, 256, 768]
-    assert steps.data_budgets(final) == [256, 256, 256, 256, 256]
-    assert steps.step_budgets(1000, 4, "increasing", unit=128) == [128, 128, 256, 384]  # 7 units: 1,1,2,3
+    assert planning.data_budgets(adaptive) == [256, 256, 256, 256, 768]
+    assert planning.data_budgets(final) == [256, 256, 256, 256, 256]
+    assert planning.step_budgets(1000, 4, "increasing", unit=128) == [128, 128, 256, 384]  # 7 units: 1,1,2,3
 
 
 def test_one_shot_gets_the_whole_budget_in_its_single_recovery():
     cfg = _cfg(target_layers=2, schedule="one-shot")
-    n = len(steps.num_steps_for(cfg, 6))
-    for schedule in steps.BUDGET_SCHEDULES:
-        plan = steps.budget_plan(_cfg(budget_schedule=schedule), n)
+    n = len(planning.num_steps_for(cfg, 6))
+    for schedule in BUDGET_SCHEDULES:
+        plan = planning.budget_plan(_cfg(budget_schedule=schedule), n)
         assert plan["steps"] == [1024] and plan["final"] == 0 and plan["carry_pool"] == 0, schedule
 
 
 def test_unknown_schedule_is_refused_before_compute_with_the_valid_names():
     with pytest.raises(IterabreError) as info:
-        steps.validate_config(_cfg(budget_schedule="front-loaded"))
+        validate(_cfg(budget_schedule="front-loaded"))
     message = str(info.value)
-    assert "front-loaded" in message and all(name in message for name in steps.BUDGET_SCHEDULES)
+    assert "front-loaded" in message and all(name in message for name in BUDGET_SCHEDULES)
     with pytest.raises(IterabreError, match="budget_schedule"):
-        steps.step_budgets(100, 2, "front-loaded")
+        planning.step_budgets(100, 2, "front-loaded")
     for bad in (dict(final_share=1.0), dict(final_share=-0.1), dict(adaptive_eval_tokens=0),
                 dict(adaptive_tol=-1.0)):
         with pytest.raises(IterabreError):
-            steps.validate_config(_cfg(**bad))
-    steps.validate_config(_cfg(budget_schedule="linear"))
+            validate(_cfg(**bad))
+    validate(_cfg(budget_schedule="linear"))
 
 
 def test_only_adaptive_turns_on_early_stopping():
     cfg = _cfg(budget_schedule="adaptive", adaptive_eval_tokens=256, adaptive_tol=0.05)
-    rec = steps.step_recovery(cfg, 500)
+    rec = planning.step_recovery(cfg, 500)
     assert rec["tokens"] == 500 and rec["early_stop_tokens"] == 256 and rec["early_stop_tol"] == 0.05
-    assert steps.step_recovery(_cfg(budget_schedule="final"), 500)["early_stop_tokens"] == 0
+    assert planning.step_recovery(_cfg(budget_schedule="final"), 500)["early_stop_tokens"] == 0
     RecoveryConfig(**rec)  # still a valid RecoveryConfig
 
 
@@ -112,10 +112,10 @@ def test_plateau_monitor_checks_every_n_tokens():
 
 
 def test_carry_forward_arithmetic():
-    assert steps.next_carry(500, 128) == 372 and steps.next_carry(500, 640) == 0
-    assert steps.carry_range((40, 64), 0, 32) is None
-    assert steps.carry_range((40, 64), 100, 32) == (40, 44)  # ceil(100/32) windows
-    assert steps.carry_range((40, 64), 10_000, 32) == (40, 64)  # never past the pool
+    assert planning.next_carry(500, 128) == 372 and planning.next_carry(500, 640) == 0
+    assert planning.carry_range((40, 64), 0, 32) is None
+    assert planning.carry_range((40, 64), 100, 32) == (40, 44)  # ceil(100/32) windows
+    assert planning.carry_range((40, 64), 10_000, 32) == (40, 64)  # never past the pool
 
 
 def test_within_budget_never_overshoots():
@@ -148,7 +148,7 @@ def test_adaptive_recovery_stops_on_a_plateau_and_leaves_tokens(pair):
                      heldout_ids=held, heldout_mask=torch.ones_like(held))
     assert result.stopped_early and not result.aborted
     assert result.tokens == 64 and len(result.heldout_checks) == 1
-    assert steps.next_carry(cfg.tokens, result.tokens) == 192  # handed to the next step
+    assert planning.next_carry(cfg.tokens, result.tokens) == 192  # handed to the next step
     full = recover(copy.deepcopy(student), teacher, ids, torch.ones_like(ids),
                    RecoveryConfig(tokens=256, batch_size=4, lr=1e-12), [2],
                    heldout_ids=held, heldout_mask=torch.ones_like(held))
@@ -187,8 +187,8 @@ def test_data_layout_names_the_windows_really_used(tiny_model_dir, tmp_path):
     from iterabre.data import load_documents, token_windows
 
     cfg = _cfg(calibration_tokens=96, budget_schedule="adaptive", recovery_tokens=128)
-    plan = steps.budget_plan(cfg, 2)
-    data = steps.load_data(steps.prepare_data(cfg, tiny_model_dir, tmp_path, steps.data_budgets(plan)))
+    plan = planning.budget_plan(cfg, 2)
+    data = steps.load_data(steps.prepare_data(cfg, tiny_model_dir, tmp_path, planning.data_budgets(plan)))
     layout = data["meta"]["split"]
     spans = [_span(layout[k]) for k in ("calibration", "recovery", "heldout")]
     assert [len(s) for s in spans] == [3, 2 + 2 + 2, 3]
@@ -199,7 +199,7 @@ def test_data_layout_names_the_windows_really_used(tiny_model_dir, tmp_path):
     order = torch.randperm(layout["windows_available"], generator=torch.Generator().manual_seed(cfg.seed))
     for key, name in (("calib", "calibration"), ("recovery", "recovery"), ("heldout", "heldout")):
         assert torch.equal(data[key], windows[order[_span(layout[name]).start:_span(layout[name]).stop]])
-    step_windows = [steps.global_windows(layout, r) for r in data["recovery_ranges"]]
+    step_windows = [planning.global_windows(layout, r) for r in data["recovery_ranges"]]
     assert all(set(range(*w)) <= set(spans[1]) for w in step_windows)
 
 
@@ -208,7 +208,7 @@ def test_calibration_and_heldout_text_do_not_depend_on_the_budget(tiny_model_dir
     made = []
     for i, (tokens, schedule) in enumerate([(128, "equal"), (1024, "adaptive")]):
         cfg = _cfg(calibration_tokens=96, recovery_tokens=tokens, budget_schedule=schedule)
-        budgets = steps.data_budgets(steps.budget_plan(cfg, 2))
+        budgets = planning.data_budgets(planning.budget_plan(cfg, 2))
         made.append(steps.load_data(steps.prepare_data(cfg, tiny_model_dir, tmp_path / str(i), budgets)))
     assert made[0]["recovery"].shape[0] < made[1]["recovery"].shape[0]
     assert torch.equal(made[0]["calib"], made[1]["calib"]) and torch.equal(made[0]["heldout"], made[1]["heldout"])

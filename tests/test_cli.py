@@ -15,10 +15,14 @@ from iterabre.data import data_version
 runner = CliRunner()
 
 
-def _fake_flow(monkeypatch, behaviour):
-    """Install a stand-in flows.compress whose run_from_cli calls `behaviour(cfg)`."""
+def _fake_flow(monkeypatch, behaviour, options: dict | None = None):
+    """Install a stand-in flows.compress whose run_from_cli calls `behaviour(cfg)` (flow options -> `options`)."""
+    def run_from_cli(cfg, **flow_options):
+        (options if options is not None else {}).update(flow_options)
+        return behaviour(cfg)
+
     module = types.ModuleType("flows.compress")
-    module.run_from_cli = behaviour
+    module.run_from_cli = run_from_cli
     monkeypatch.setitem(sys.modules, "flows.compress", module)
 
 
@@ -51,6 +55,33 @@ def test_compress_builds_config(monkeypatch):
     assert (cfg.recovery.method, cfg.recovery.lr, cfg.recovery.trainable) == ("lora-kd", 1e-4, "lora")
     assert cfg.eval_limit is None and cfg.allow_pickle and not cfg.allow_remote_code
     assert cfg.recovery.batch_size == CompressConfig().recovery.batch_size  # untouched when not given
+
+
+def test_every_recovery_field_and_flow_option_is_an_option(monkeypatch):
+    seen, options = [], {}
+    _fake_flow(monkeypatch, seen.append, options)
+    result = runner.invoke(app, ["compress", "--target-layers", "27", "--grad-accum", "2", "--lr-schedule",
+                                 "constant", "--recovery-seed", "7", "--seed", "3", "--no-bf16", "--ridge", "0.5",
+                                 "--eval-every-step", "--no-log-checkpoints", "--max-ppl-ratio", "2"])
+    assert result.exit_code == 0, result.output
+    rec = seen[0].recovery
+    assert (rec.grad_accum, rec.lr_schedule, rec.seed, rec.bf16, rec.ridge) == (2, "constant", 7, False, 0.5)
+    assert seen[0].seed == 3 and rec.tokens == CompressConfig().recovery.tokens  # set per phase by the loop
+    assert options == dict(eval_every_step=True, min_blimp_retained=0.9, max_ppl_ratio=2.0,
+                           log_checkpoints=False, keep_pruned=False)
+
+
+def test_compress_help_reads_the_config_help():
+    result = runner.invoke(app, ["compress", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for text in ("Blocks to keep at the end", "--recovery-tokens", "--keep-pruned", "--log-checkpoints"):
+        assert text in result.output
+
+
+def test_bad_value_fails_before_the_flow_starts(monkeypatch):
+    _fake_flow(monkeypatch, lambda cfg: pytest.fail("the flow started"))
+    result = runner.invoke(app, ["compress", "--target-layers", "20", "--scorer", "random"])
+    assert result.exit_code == 2 and "unknown scorer 'random'" in result.stderr
 
 
 def test_compress_eval_limit_count(monkeypatch):
@@ -88,6 +119,11 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch):
     _fake_flow(monkeypatch, bug)
     result = runner.invoke(app, ["compress", "--target-layers", "20"])
     assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+
+
+def test_data_import_needs_a_source():
+    result = runner.invoke(app, ["data", "import"])
+    assert result.exit_code == 2 and "--source" in result.output
 
 
 def test_data_version_command():

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import stop_process_group
 from flows import tracking, watch
-from iterabre import steps
+from iterabre.config import validate
 from iterabre.errors import IterabreError
 from iterabre.paths import REPO_ROOT
 
@@ -28,14 +28,14 @@ def test_prefect_yaml_deployments_are_valid():
     assert deps["watch"]["entrypoint"] == "flows/watch.py:watch"
     assert isinstance(deps["watch"]["schedules"], list) and deps["watch"]["schedules"][0]["cron"]
     assert deps["compress"]["work_pool"]["name"] == deps["watch"]["work_pool"]["name"]
-    steps.validate_config(watch.entry_config(deps["compress"]["parameters"]))  # defaults make a valid job
+    validate(watch.entry_config(deps["compress"]["parameters"]))  # defaults make a valid job
 
 
 def test_repo_watchlist_entries_are_valid_jobs():
     entries = watch.load_watchlist(REPO_ROOT / "watchlist.yaml")
     assert entries
     for entry in entries:
-        steps.validate_config(watch.entry_config(entry))
+        validate(watch.entry_config(entry))
 
 
 def test_watchlist_refuses_unknown_keys(tmp_path):

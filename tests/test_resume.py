@@ -13,8 +13,7 @@ import pytest
 
 from flows import tracking
 from flows.compress import run_from_cli
-from iterabre import steps
-from iterabre.config import CompressConfig, RecoveryConfig
+from iterabre.config import CompressConfig, RecoveryConfig, normalise
 
 RUN = ("import json, sys; from flows.compress import run_from_cli; from iterabre.config import CompressConfig; "
        "run_from_cli(CompressConfig.from_dict(json.loads(sys.argv[1])))")
@@ -73,4 +72,4 @@ def test_sigkill_then_rerun_resumes_and_matches_clean_run(tiny_model_dir, prefec
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.data.tags[tracking.TAG_STEP] for c in children) == ["1", "2", "3"]
     assert all(c.info.status == "FINISHED" for c in children)
-    assert steps.normalise_config(cfg).fingerprint() == parent.data.tags[tracking.TAG_FINGERPRINT]
+    assert normalise(cfg).fingerprint() == parent.data.tags[tracking.TAG_FINGERPRINT]

@@ -1,4 +1,4 @@
-"""iterabre.steps: config checks, removal plans, budgets, hashes and the path-in/path-out steps."""
+"""iterabre.steps: removal plans, budgets, hashes and the path-in/path-out steps."""
 
 import dataclasses
 import json
@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from iterabre import steps
+from iterabre import files, planning, steps
 from iterabre.config import CompressConfig, RecoveryConfig
 from iterabre.errors import IterabreError
 from iterabre.tiny import byte_tokenizer, tiny_model
@@ -19,43 +19,16 @@ def _cfg(**kw) -> CompressConfig:
     return CompressConfig(**{**base, **kw})
 
 
-# ---------------------------------------------------------------- config
-
-def test_valid_config_passes():
-    steps.validate_config(_cfg())
-    steps.validate_config(_cfg(target_layers=None, target_ratio=0.5, scorer="angular", schedule="one-shot"))
-
-
-@pytest.mark.parametrize("bad", [
-    dict(target_ratio=0.5),  # both targets
-    dict(target_layers=None),  # neither
-    dict(target_layers=0),
-    dict(target_layers=None, target_ratio=1.0),
-    dict(scorer="random"),
-    dict(schedule="greedy"),
-    dict(teacher="self"),
-    dict(calibration="c4"),
-    dict(budget_schedule="front"),
-    dict(blocks_per_step=0),
-    dict(calibration_tokens=16),  # fewer than one window
-    dict(recovery=RecoveryConfig(method="magic")),
-    dict(recovery=RecoveryConfig(lr=0.0)),
-    dict(device="tpu"),
-    dict(eval_limit=0.0),
-])
-def test_bad_config_is_refused_up_front(bad):
-    with pytest.raises(IterabreError):
-        steps.validate_config(_cfg(**bad))
-
+# ---------------------------------------------------------------- plans
 
 def test_target_must_leave_fewer_but_some_blocks():
-    assert steps.target_layers_for(_cfg(target_layers=5), 6) == 5
-    assert steps.target_layers_for(_cfg(target_layers=None, target_ratio=0.8), 30) == 24
+    assert planning.target_layers_for(_cfg(target_layers=5), 6) == 5
+    assert planning.target_layers_for(_cfg(target_layers=None, target_ratio=0.8), 30) == 24
     for target in (6, 7):
         with pytest.raises(IterabreError, match="out of range"):
-            steps.target_layers_for(_cfg(target_layers=target), 6)
+            planning.target_layers_for(_cfg(target_layers=target), 6)
     with pytest.raises(IterabreError):
-        steps.target_layers_for(_cfg(target_layers=None, target_ratio=0.01), 6)  # rounds to 0
+        planning.target_layers_for(_cfg(target_layers=None, target_ratio=0.01), 6)  # rounds to 0
 
 
 @pytest.mark.parametrize("kw, expected", [
@@ -64,39 +37,39 @@ def test_target_must_leave_fewer_but_some_blocks():
     (dict(target_layers=25, schedule="one-shot"), [5]),
 ])
 def test_blocks_removed_per_step(kw, expected):
-    assert steps.num_steps_for(_cfg(**kw), 30) == expected
+    assert planning.num_steps_for(_cfg(**kw), 30) == expected
 
 
 def test_step_budgets_split_the_total_exactly():
-    assert steps.step_budgets(1000, 4) == [250, 250, 250, 250]
-    assert steps.step_budgets(1001, 3) == [333, 334, 334]  # largest remainder, ties to later steps
-    linear = steps.step_budgets(1000, 4, "linear")
+    assert planning.step_budgets(1000, 4) == [250, 250, 250, 250]
+    assert planning.step_budgets(1001, 3) == [333, 334, 334]  # largest remainder, ties to later steps
+    linear = planning.step_budgets(1000, 4, "linear")
     assert sum(linear) == 1000 and linear == sorted(linear) and linear[0] < linear[-1]
-    assert steps.step_budgets(100, 0) == []
+    assert planning.step_budgets(100, 0) == []
 
 
 def test_recovery_ranges_are_disjoint_and_cover_each_budget():
-    ranges = steps.recovery_ranges([100, 64, 0], seq_len=32)
+    ranges = planning.recovery_ranges([100, 64, 0], seq_len=32)
     assert ranges == [(0, 4), (4, 6), (6, 7)]  # ceil(100/32)=4, 2, and one window for a zero budget
 
 
 def test_plan_removal_lowest_and_contiguous():
     scores = {"0": 0.9, "1": 0.1, "3": 0.2, "4": 0.05, "5": 0.8}  # JSON keys are strings
-    assert steps.plan_removal(scores, 2, "output", [0, 1, 3, 4, 5]) == [4, 1]
+    assert planning.plan_removal(scores, 2, "output", [0, 1, 3, 4, 5]) == [4, 1]
     # angular: scores keyed by run start; block 2 is already gone, so a run of 2 from 1 is [1, 3]
     runs = {"0": 0.5, "1": 0.1, "3": 0.3, "4": 0.4}
-    assert steps.plan_removal(runs, 2, "angular", [0, 1, 3, 4, 5]) == [1, 3]
+    assert planning.plan_removal(runs, 2, "angular", [0, 1, 3, 4, 5]) == [1, 3]
 
 
 def test_promotion_gates():
     base = {"blimp": {"acc": 0.80}, "wikitext": {"word_perplexity": 20.0}}
     good = {"blimp": {"acc": 0.76}, "wikitext": {"word_perplexity": 25.0}}
-    assert steps.promotion(base, good, 0.9, 1.5)[0] == "champion"
+    assert planning.promotion(base, good, 0.9, 1.5)[0] == "champion"
     bad_blimp = {"blimp": {"acc": 0.60}, "wikitext": {"word_perplexity": 25.0}}
-    assert steps.promotion(base, bad_blimp, 0.9, 1.5)[0] == "challenger"
+    assert planning.promotion(base, bad_blimp, 0.9, 1.5)[0] == "challenger"
     bad_ppl = {"blimp": {"acc": 0.80}, "wikitext": {"word_perplexity": 40.0}}
-    assert steps.promotion(base, bad_ppl, 0.9, 1.5)[0] == "challenger"
-    alias, reasons = steps.promotion({}, {}, 0.9, 1.5)
+    assert planning.promotion(base, bad_ppl, 0.9, 1.5)[0] == "challenger"
+    alias, reasons = planning.promotion({}, {}, 0.9, 1.5)
     assert alias == "challenger" and "no gate metric" in reasons[0]
 
 
@@ -108,14 +81,14 @@ def test_hash_path_follows_content_and_names(tmp_path):
         d.mkdir()
         (d / "w.bin").write_bytes(b"\x00" * 3000)
         (d / "config.json").write_text("{}")
-    assert steps.hash_path(a) == steps.hash_path(b)
+    assert files.hash_path(a) == files.hash_path(b)
     (b / "w.bin").write_bytes(b"\x00" * 2999 + b"\x01")
-    assert steps.hash_path(a) != steps.hash_path(b)
+    assert files.hash_path(a) != files.hash_path(b)
     (b / "w.bin").write_bytes(b"\x00" * 3000)
     (b / "config.json").rename(b / "other.json")
-    assert steps.hash_path(a) != steps.hash_path(b)
+    assert files.hash_path(a) != files.hash_path(b)
     with pytest.raises(IterabreError):
-        steps.hash_path(tmp_path / "missing")
+        files.hash_path(tmp_path / "missing")
 
 
 # ---------------------------------------------------------------- steps on a tiny model
@@ -140,16 +113,13 @@ def test_self_generated_calibration_replaces_calib_only(tiny_model_dir, tmp_path
     cfg = _cfg(calibration="self-generated", calibration_tokens=64)
     gen = steps.load_data(steps.prepare_data(cfg, tiny_model_dir, tmp_path / "g", [32]))
     assert torch.equal(gen["calib"], fake) and torch.equal(gen["recovery"], wiki["recovery"])
-    monkeypatch.setitem(sys.modules, "iterabre.selfgen", None)  # module missing -> one-line error
-    with pytest.raises(IterabreError, match="selfgen"):
-        steps.prepare_data(cfg, tiny_model_dir, tmp_path / "x", [32])
 
 
 def test_score_prune_recover_evaluate_chain(tiny_model_dir, tmp_path):
     data = steps.prepare_data(_cfg(), tiny_model_dir, tmp_path, budgets=[64])
     scored = steps.score(tiny_model_dir, data, "output", 1, "cpu")
     assert sorted(scored["scores"]) == list(range(6)) and scored["order"] == list(range(6))
-    remove = steps.plan_removal(scored["scores"], 2, "output", scored["order"])
+    remove = planning.plan_removal(scored["scores"], 2, "output", scored["order"])
     pruned = steps.prune(tiny_model_dir, remove, tmp_path / "pruned")
     assert steps.num_layers(pruned) == 4
     assert json.loads((pruned / "config.json").read_text())["iterabre_original_layers"] == \
@@ -157,24 +127,13 @@ def test_score_prune_recover_evaluate_chain(tiny_model_dir, tmp_path):
     rec = dataclasses.asdict(RecoveryConfig(tokens=64, batch_size=2, lr=1e-3))
     result = steps.recover(pruned, tiny_model_dir, data, rec, remove, (0, 2), tmp_path / "healed", "cpu")
     assert result["tokens"] >= 64 and result["loss_before"] is not None and len(result["losses"]) >= 1
-    assert steps.hash_path(tmp_path / "healed") != steps.hash_path(pruned)  # weights were trained
+    assert files.hash_path(tmp_path / "healed") != files.hash_path(pruned)  # weights were trained
     assert steps.num_layers(tmp_path / "healed") == 4
     assert steps.evaluate(tmp_path / "healed", "", None, "cpu") == {}
 
 
-def test_prepare_base_skips_when_present(tiny_model_dir, tmp_path):
-    cfg = _cfg(model=str(tiny_model_dir))
-    out = steps.prepare_base(cfg, tmp_path, "h1")
-    mtime = (out / "model.safetensors").stat().st_mtime_ns
-    assert steps.prepare_base(cfg, tmp_path, "h1") == out
-    assert (out / "model.safetensors").stat().st_mtime_ns == mtime
-    steps.prepare_base(cfg, tmp_path, "h2")  # the source changed: written again
-    assert (out / "model.safetensors").stat().st_mtime_ns != mtime
-
-
-def test_normalise_config_makes_equal_jobs_fingerprint_equal():
-    a, b = _cfg(eval_limit=2, target_layers=None, target_ratio=1), _cfg(eval_limit=2.0, target_layers=None,
-                                                                        target_ratio=1.0)
-    assert a.fingerprint() != b.fingerprint()  # 2 vs 2.0 in JSON
-    assert steps.normalise_config(a).fingerprint() == steps.normalise_config(b).fingerprint()
-    assert steps.normalise_config(a).target_layers is None and steps.normalise_config(a).recovery == a.recovery
+def test_prepare_base_saves_a_safetensors_copy_with_its_source(tiny_model_dir, tmp_path):
+    out = steps.prepare_base(str(tiny_model_dir), None, tmp_path)
+    assert out == tmp_path / "base" and (out / "model.safetensors").exists()
+    assert json.loads((out / steps.SOURCE_FILE).read_text()) == {"model": str(tiny_model_dir), "revision": None}
+    assert steps.num_layers(out) == 6 and not list(tmp_path.glob("*.tmp-*"))

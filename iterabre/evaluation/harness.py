@@ -281,7 +281,7 @@ def evaluate(model, tokenizer, tasks: str | list[str] = DEFAULT_TASKS, limit: fl
     """
     import torch
 
-    from iterabre.models import resolve_device
+    from iterabre.devices import resolve_device
 
     device = resolve_device(device)
     was_training = model.training

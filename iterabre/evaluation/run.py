@@ -7,8 +7,10 @@ import os
 import time
 from pathlib import Path
 
+from iterabre.errors import IterabreError
 from iterabre.evaluation.harness import DEFAULT_TASKS, evaluate, parse_tasks
 from iterabre.evaluation.report import atomic_write
+from iterabre.paths import require_dir_or_absent
 
 # Metrics shown in the terminal table; everything lm-eval returns still goes to the JSON.
 _SHOWN = ("word_perplexity", "bits_per_byte", "acc")
@@ -22,9 +24,12 @@ def run_evaluate(model_spec: str, tasks: str | list[str] = DEFAULT_TASKS, limit:
     "results": {task: {metric: value}}}. `output` is a .json file, or a folder that gets
     results.json.
     """
-    from iterabre.models import load_model, resolve_device
+    from iterabre.devices import resolve_device
+    from iterabre.models import load_model
 
     names, device = parse_tasks(tasks), resolve_device(device)
+    if output is not None:
+        check_output(output)  # before minutes of evaluation, not when writing the result
     model, tokenizer = load_model(model_spec, device=device)  # raises IterabreError naming the model
     start = time.perf_counter()
     results = evaluate(model, tokenizer, names, limit=limit, batch_size=batch_size, device=device)
@@ -41,6 +46,16 @@ def results_path(output: str | os.PathLike) -> Path:
     """`output` itself when it names a .json file, else `output`/results.json."""
     path = Path(output)
     return path if path.suffix == ".json" else path / "results.json"
+
+
+def check_output(output: str | os.PathLike) -> Path:
+    """The results file `output` stands for, refused now if a file or folder is in its way."""
+    fix = "pass --output a folder (results.json goes inside) or a new .json file name"
+    path = results_path(output)
+    if path.is_dir():
+        raise IterabreError(f"--output {path} is an existing folder, not a .json file.", fix)
+    require_dir_or_absent(path.parent, "--output", fix)
+    return path
 
 
 def _cell(metrics: dict[str, float], name: str) -> str:
