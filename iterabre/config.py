@@ -21,14 +21,13 @@ SCHEDULES = ("iterative", "one-shot")
 TEACHERS = ("base", "previous")
 CALIBRATIONS = ("wikitext", "self-generated")
 BUDGET_SCHEDULES = ("equal", "increasing", "final", "adaptive")
-BUDGET_ALIASES = {"linear": "increasing"}  # the first name of 'increasing'; old configs keep working
 
 
-def knob(default, help: str, choices: tuple | str | None = None, aliases: dict | None = None):
+def knob(default, help: str, choices: tuple | str | None = None):
     """A dataclass field with its help and, optionally, its allowed values (a tuple or a lazy 'module:NAME')."""
     meta = {"help": help}
     if choices is not None:
-        meta.update(choices=choices, aliases=aliases or {})
+        meta["choices"] = choices
     return field(default=default, metadata=meta)
 
 
@@ -82,7 +81,7 @@ class CompressConfig:
     recovery_tokens: int = knob(8192, "Total recovery budget over all steps (paper: 2.5M).")
     budget_schedule: str = knob("increasing", "Split of the recovery budget: equal | increasing | final | adaptive "
                                               "(increasing won docs/BENCHMARKS.md §7).",
-                                BUDGET_SCHEDULES, BUDGET_ALIASES)
+                                BUDGET_SCHEDULES)
     final_share: float = knob(0.2, "final: share of the budget spent after the last removal.")
     adaptive_eval_tokens: int = knob(1024, "adaptive: tokens between held-out KD checks.")
     adaptive_tol: float = knob(0.01, "adaptive: stop a step when held-out KD improves by less (relative).")
@@ -148,19 +147,18 @@ def one_of(value: str, allowed, what: str) -> None:
 
 
 def budget_schedule_name(name: str) -> str:
-    """The canonical budget schedule for `name` ('linear' -> 'increasing'); IterabreError if unknown."""
-    name = BUDGET_ALIASES.get(name, name)
+    """`name` if it is a budget schedule; IterabreError otherwise."""
     one_of(name, BUDGET_SCHEDULES, "budget_schedule")
     return name
 
 
 def _check_choices(obj, prefix: str = "") -> None:
-    """Every field that declares its allowed values holds one of them (or an alias of one)."""
+    """Every field that declares its allowed values holds one of them."""
     for f in dataclasses.fields(obj):
         allowed = choices_of(f)
         if allowed is not None:
             value = getattr(obj, f.name)
-            one_of(f.metadata["aliases"].get(value, value), allowed, prefix + f.name)
+            one_of(value, allowed, prefix + f.name)
 
 
 def _check_target(cfg: CompressConfig) -> None:
@@ -197,12 +195,18 @@ def _check_budget(cfg: CompressConfig) -> None:
                             f"{cfg.adaptive_tol}).", "pass e.g. --adaptive-eval-tokens 1024 --adaptive-tol 0.01")
 
 
-def _check_recovery(rec: RecoveryConfig) -> None:
-    """Recovery method and its options name things that exist."""
+def check_recovery(rec: RecoveryConfig) -> None:
+    """Recovery settings the loop can run with: names that exist, sizes and rates in range."""
     _check_choices(rec, "recovery ")
-    if not rec.lr > 0 or rec.batch_size < 1 or rec.grad_accum < 1:
-        raise IterabreError(f"recovery needs lr > 0, batch_size >= 1, grad_accum >= 1 (got {rec.lr}, "
+    if rec.tokens < 0 or rec.batch_size < 1 or rec.grad_accum < 1:
+        raise IterabreError(f"recovery needs tokens >= 0, batch_size >= 1, grad_accum >= 1 (got {rec.tokens}, "
                             f"{rec.batch_size}, {rec.grad_accum}).", "fix the recovery settings")
+    if rec.early_stop_tokens < 0 or not rec.early_stop_tol >= 0:
+        raise IterabreError(f"recovery needs early_stop_tokens >= 0 and early_stop_tol >= 0 (got "
+                            f"{rec.early_stop_tokens}, {rec.early_stop_tol}).", "fix the recovery settings")
+    if not rec.lr > 0 or not 0 <= rec.warmup_frac < 1:
+        raise IterabreError(f"recovery needs lr > 0 and 0 <= warmup_frac < 1 (got {rec.lr}, {rec.warmup_frac}).",
+                            "fix the recovery settings")
 
 
 def _as_declared(value, annotation: str):
@@ -221,8 +225,10 @@ def normalise(cfg: CompressConfig) -> CompressConfig:
 
 
 def validate(cfg: CompressConfig) -> None:
-    """Refuse a bad job before any compute: names, ranges, device, target."""
+    """Refuse a bad job before any compute: names, ranges, device, target, model files, output path."""
     from iterabre.devices import resolve_device
+    from iterabre.models import check_local_model
+    from iterabre.paths import require_dir_or_absent
 
     if not cfg.model:
         raise IterabreError("no model was given.", "pass --model (embedded name, folder, .gguf or hub id)")
@@ -230,8 +236,10 @@ def validate(cfg: CompressConfig) -> None:
     _check_choices(cfg)
     _check_budget(cfg)
     _check_sizes(cfg)
-    _check_recovery(cfg.recovery)
+    check_recovery(cfg.recovery)
     resolve_device(cfg.device)
+    check_local_model(cfg.model, cfg.allow_pickle)  # a broken model folder fails now, not minutes later
+    require_dir_or_absent(cfg.output, "--output", "pass a folder path (a new one, or an earlier job's output)")
     if cfg.eval_tasks.strip():
         from iterabre.evaluation import parse_tasks
 

@@ -229,28 +229,20 @@ def data_version(check_dirty: bool = True) -> dict:
         raise IterabreError(f"{dvc_file} is missing, so the data version is unknown.",
                             "run from a clone of the iterabre repository")
     outs = yaml.safe_load(dvc_file.read_text())["outs"][0]
-    target = _require(dvc_file.parent / outs["path"])
-    dirty = _is_dirty(target, outs) if check_dirty else False
+    _require(dvc_file.parent / outs["path"])
+    dirty = _is_dirty(dvc_file) if check_dirty else False
     return {"md5": outs["md5"].removesuffix(".dir"), "dirty": dirty}
 
 
-def _is_dirty(target: Path, outs: dict) -> bool:
-    """Compare file count, size and content hash of `target` against the data.dvc record."""
-    if outs.get("nfiles") is not None and sum(1 for p in target.rglob("*") if p.is_file()) != outs["nfiles"]:
-        return True
-    if outs.get("size") is not None and sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) != outs["size"]:
-        return True
-    return _dir_md5(target) != outs["md5"]
+def _is_dirty(dvc_file: Path) -> bool:
+    """Whether the data folder's content differs from the hash its .dvc file pins.
 
+    DVC computes the directory hash itself (and remembers file hashes by mtime in .dvc/tmp),
+    so nothing is re-implemented here. `dvc status` is not used: without a local cache it
+    answers "not in cache" even for a modified folder.
+    """
+    from dvc.repo import Repo
 
-def _dir_md5(target: Path) -> str:
-    """DVC's directory hash: md5 of the sorted JSON list of {relpath, md5} entries, plus `.dir`."""
-    import hashlib
-
-    entries = []
-    for path in sorted(p for p in target.rglob("*") if p.is_file()):
-        digest = hashlib.md5(path.read_bytes()).hexdigest()
-        entries.append({"md5": digest, "relpath": path.relative_to(target).as_posix()})
-    entries.sort(key=lambda e: tuple(e["relpath"].split("/")))  # DVC orders by path parts
-    blob = json.dumps(entries, sort_keys=True).encode()
-    return hashlib.md5(blob).hexdigest() + ".dir"
+    with Repo(Repo.find_root(str(dvc_file.parent))) as repo:
+        (stage,) = repo.stage.collect(str(dvc_file))
+        return any(out.get_hash().value != out.hash_info.value for out in stage.outs)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iterabre.errors import IterabreError
-from iterabre.paths import models_dir
+from iterabre.paths import SOURCE_FILE, models_dir  # SOURCE_FILE is written last: it marks a complete pull
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,6 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     ),
 }
 
-SOURCE_FILE = "iterabre_source.json"  # written last: its presence marks a complete pull
 
 
 # ---------------------------------------------------------------- embedded model

@@ -10,6 +10,7 @@ from pathlib import Path
 from iterabre.errors import IterabreError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_FILE = "iterabre_source.json"  # provenance of a model folder iterabre made (pulled or prepared)
 
 
 def data_dir() -> Path:

@@ -31,6 +31,7 @@ in down_proj, held-out relative final-hidden error 0.279 without recovery):
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -203,7 +204,7 @@ def _device(model: nn.Module) -> torch.device:
 
 @dataclass
 class FitOptions:
-    """Knobs of the fit; `from_config` reads them from a RecoveryConfig (missing fields = defaults)."""
+    """Knobs of the fit; `from_config` takes `ridge` from a RecoveryConfig, the rest from overrides."""
 
     modules: tuple[str, ...] = DEFAULT_MODULES  # projections to refit, attention first
     ridge: float = 0.3  # relative to mean diag(X^T X); see the module docstring for the SmolLM2 sweep
@@ -213,13 +214,8 @@ class FitOptions:
 
     @classmethod
     def from_config(cls, cfg, **override) -> "FitOptions":
-        """Options from cfg (reconstruct_modules, ridge, ridge_relative, ridge_target, reconstruct_weighting)."""
-        base = cls()
-        opts = dict(modules=getattr(cfg, "reconstruct_modules", None) or base.modules,
-                    ridge=getattr(cfg, "ridge", base.ridge),
-                    ridge_relative=getattr(cfg, "ridge_relative", base.ridge_relative),
-                    ridge_target=getattr(cfg, "ridge_target", base.ridge_target),
-                    weighting=getattr(cfg, "reconstruct_weighting", base.weighting))
+        """Defaults, cfg.ridge, then every override that is not None."""
+        opts = dataclasses.asdict(cls(ridge=cfg.ridge))
         opts.update({k: v for k, v in override.items() if v is not None})
         opts["modules"] = _module_names(opts["modules"])
         _check_choice("ridge_target", opts["ridge_target"], ("current", "zero"))
@@ -361,7 +357,7 @@ def reconstruct(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor,
     mask = _check_inputs(input_ids, attention_mask)
     opts = FitOptions.from_config(cfg, modules=modules, **options)
     plan = fit_plan(student, teacher, removed)
-    batch_size = batch_size or max(int(getattr(cfg, "batch_size", 8)), 1)
+    batch_size = batch_size or max(cfg.batch_size, 1)
     start, was_training = time.perf_counter(), student.training
     mem = start_peak(_device(student))
     student.eval()

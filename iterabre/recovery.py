@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import math
 import os
 import sys
@@ -24,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from iterabre.config import RecoveryConfig
+from iterabre.config import RecoveryConfig, check_recovery
 from iterabre.errors import IterabreError
 from iterabre.kd import KDLoss
 from iterabre.memory import peak_mb, start_peak
@@ -475,27 +474,10 @@ def _recover_lora_kd(job: RecoveryJob) -> RecoveryResult:
     return train_kd(job, "lora", "lora-kd")
 
 
-def _import_reconstruct():
-    """iterabre.reconstruct.reconstruct, imported on first use (it is an optional module)."""
-    try:
-        return importlib.import_module("iterabre.reconstruct").reconstruct
-    except ModuleNotFoundError as e:
-        if e.name != "iterabre.reconstruct":
-            raise
-        raise IterabreError("recovery method 'reconstruct' needs iterabre/reconstruct.py, which is missing.",
-                            "use --recovery kd or lora-kd, or install a complete iterabre") from None
-
-
-def _as_dict(result) -> dict:
-    """A reconstruct result as a plain dict for `RecoveryResult.extra`."""
-    if dataclasses.is_dataclass(result):
-        return dataclasses.asdict(result)
-    return dict(vars(result)) if hasattr(result, "__dict__") else {"result": result}
-
-
 def _recover_reconstruct(job: RecoveryJob) -> RecoveryResult:
     """Closed-form reconstruction of the blocks next to the gap (iterabre.reconstruct)."""
-    reconstruct = _import_reconstruct()
+    from iterabre.reconstruct import reconstruct
+
     device = torch.device(job.device)
     start, mem = time.perf_counter(), start_peak(device)
     eval_ids, eval_mask = _eval_set(job)
@@ -506,7 +488,7 @@ def _recover_reconstruct(job: RecoveryJob) -> RecoveryResult:
     tokens = int(getattr(info, "tokens", int(job.attention_mask.sum())))
     return RecoveryResult(method="reconstruct", trainable="reconstruct", loss_before=before, loss_after=after,
                           tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds if seconds else 0.0,
-                          peak_mem_mb=peak_mb(device, mem), extra={"reconstruct": _as_dict(info)})
+                          peak_mem_mb=peak_mb(device, mem), extra={"reconstruct": dataclasses.asdict(info)})
 
 
 def _recover_reconstruct_kd(job: RecoveryJob) -> RecoveryResult:
@@ -531,25 +513,6 @@ RECOVERY_METHODS: dict[str, Callable[[RecoveryJob], RecoveryResult]] = {
 
 # ---------------------------------------------------------------- entry point
 
-def _check_config(cfg: RecoveryConfig) -> None:
-    """Reject settings the loop cannot run with, naming the field and the fix."""
-    if cfg.method not in RECOVERY_METHODS:
-        raise IterabreError(f"unknown recovery method {cfg.method!r}.", f"use one of {', '.join(RECOVERY_METHODS)}")
-    if cfg.trainable not in TRAINABLE:
-        raise IterabreError(f"unknown trainable={cfg.trainable!r}.", f"use one of {', '.join(TRAINABLE)}")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise IterabreError(f"unknown lr_schedule={cfg.lr_schedule!r}.", f"use one of {', '.join(LR_SCHEDULES)}")
-    if cfg.tokens < 0 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise IterabreError(f"recovery needs tokens >= 0, batch_size >= 1, grad_accum >= 1 (got {cfg.tokens}, "
-                            f"{cfg.batch_size}, {cfg.grad_accum}).", "fix the recovery settings")
-    if cfg.early_stop_tokens < 0 or not cfg.early_stop_tol >= 0:
-        raise IterabreError(f"recovery needs early_stop_tokens >= 0 and early_stop_tol >= 0 (got "
-                            f"{cfg.early_stop_tokens}, {cfg.early_stop_tol}).", "fix the recovery settings")
-    if not cfg.lr > 0 or not 0 <= cfg.warmup_frac < 1:
-        raise IterabreError(f"recovery needs lr > 0 and 0 <= warmup_frac < 1 (got {cfg.lr}, {cfg.warmup_frac}).",
-                            "fix the recovery settings")
-
-
 def _check_data(ids: torch.Tensor, mask: torch.Tensor, what: str) -> None:
     """input_ids must be a 2-D integer tensor with a same-shaped attention mask."""
     if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32) or mask.shape != ids.shape:
@@ -571,7 +534,7 @@ def recover(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, att
             device: str = "cpu", heldout_ids: torch.Tensor | None = None,
             heldout_mask: torch.Tensor | None = None) -> RecoveryResult:
     """Heal `student` in place towards `teacher` with `cfg.method`; returns what happened."""
-    _check_config(cfg)
+    check_recovery(cfg)
     _check_data(input_ids, attention_mask, "recovery")
     if heldout_ids is not None:
         _check_data(heldout_ids, heldout_mask if heldout_mask is not None else heldout_ids, "held-out")

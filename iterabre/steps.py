@@ -18,9 +18,9 @@ import torch
 from iterabre.config import CompressConfig, RecoveryConfig
 from iterabre.errors import IterabreError
 from iterabre.files import atomic_dir, save_torch
+from iterabre.paths import SOURCE_FILE
 from iterabre.planning import recovery_ranges, split_layout
 
-SOURCE_FILE = "iterabre-source.json"  # provenance of a prepared base model
 
 
 # ---------------------------------------------------------------- model and data steps

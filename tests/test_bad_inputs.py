@@ -92,13 +92,8 @@ def test_evaluate_output_is_a_file(intact_dir, tmp_path):
     assert out.read_text() == "keep me"
 
 
-# Until the flow's entry point checks these before Prefect and MLflow start (~30 s), the error
-# line comes after their log lines and .prefect-results/ is already made under --output.
-_BEFORE_PREFECT = pytest.mark.skip(reason="needs check_local_model + require_dir_or_absent in "
-                                          "flows.compress.run_from_cli before the flow starts")
+# `config.validate` checks the model files and the output path before Prefect or MLflow start.
 
-
-@_BEFORE_PREFECT
 def test_compress_garbage_safetensors_one_line(model_dir, tmp_path):
     _overwrite(model_dir / "model.safetensors", 0, b"\xde\xad\xbe\xef" * 4)
     out = tmp_path / "out"
@@ -108,7 +103,6 @@ def test_compress_garbage_safetensors_one_line(model_dir, tmp_path):
     assert not out.exists()
 
 
-@_BEFORE_PREFECT
 def test_compress_output_is_a_file(intact_dir, tmp_path):
     out = tmp_path / "out"
     out.write_text("keep me")

@@ -49,7 +49,6 @@ def test_schedule_shapes():
     assert equal == [250, 250, 250, 250]
     increasing = planning.step_budgets(1000, 4, "increasing")
     assert increasing == [100, 200, 300, 400]  # weights 1..S
-    assert planning.step_budgets(1000, 4, "linear") == increasing  # old name still accepted
     final = planning.budget_plan(_cfg(recovery_tokens=1280, budget_schedule="final", final_share=0.2), 4)
     assert final["steps"] == [256, 256, 256, 256] and final["final"] == 256 and final["carry_pool"] == 0
     adaptive = planning.budget_plan(_cfg(budget_schedule="adaptive"), 4)
@@ -79,7 +78,8 @@ def test_unknown_schedule_is_refused_before_compute_with_the_valid_names():
                 dict(adaptive_tol=-1.0)):
         with pytest.raises(IterabreError):
             validate(_cfg(**bad))
-    validate(_cfg(budget_schedule="linear"))
+    with pytest.raises(IterabreError, match="budget_schedule"):
+        validate(_cfg(budget_schedule="linear"))  # a name that was never released is not an alias
 
 
 def test_only_adaptive_turns_on_early_stopping():

@@ -126,6 +126,9 @@ def test_data_version_real_data_dvc_is_clean():
 
 
 def test_data_version_detects_a_changed_file(tmp_path, monkeypatch):
+    from dvc.repo import Repo
+
+    Repo.init(str(tmp_path), no_scm=True).close()  # a DVC project of its own, like the repository
     shutil.copytree(REPO_ROOT / "data", tmp_path / "data")
     shutil.copy(REPO_ROOT / "data.dvc", tmp_path / "data.dvc")
     monkeypatch.setenv("ITERABRE_DATA_DVC", str(tmp_path / "data.dvc"))

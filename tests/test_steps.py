@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from iterabre import files, planning, steps
+from iterabre.paths import SOURCE_FILE
 from iterabre.config import CompressConfig, RecoveryConfig
 from iterabre.errors import IterabreError
 from iterabre.tiny import byte_tokenizer, tiny_model
@@ -135,5 +136,5 @@ def test_score_prune_recover_evaluate_chain(tiny_model_dir, tmp_path):
 def test_prepare_base_saves_a_safetensors_copy_with_its_source(tiny_model_dir, tmp_path):
     out = steps.prepare_base(str(tiny_model_dir), None, tmp_path)
     assert out == tmp_path / "base" and (out / "model.safetensors").exists()
-    assert json.loads((out / steps.SOURCE_FILE).read_text()) == {"model": str(tiny_model_dir), "revision": None}
+    assert json.loads((out / SOURCE_FILE).read_text()) == {"model": str(tiny_model_dir), "revision": None}
     assert steps.num_layers(out) == 6 and not list(tmp_path.glob("*.tmp-*"))
