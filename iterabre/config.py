@@ -227,6 +227,7 @@ def normalise(cfg: CompressConfig) -> CompressConfig:
 def validate(cfg: CompressConfig) -> None:
     """Refuse a bad job before any compute: names, ranges, device, target, model files, output path."""
     from iterabre.devices import resolve_device
+    from iterabre.files import check_unlocked
     from iterabre.models import check_local_model
     from iterabre.paths import require_dir_or_absent
 
@@ -240,6 +241,7 @@ def validate(cfg: CompressConfig) -> None:
     resolve_device(cfg.device)
     check_local_model(cfg.model, cfg.allow_pickle)  # a broken model folder fails now, not minutes later
     require_dir_or_absent(cfg.output, "--output", "pass a folder path (a new one, or an earlier job's output)")
+    check_unlocked(cfg.output)
     if cfg.eval_tasks.strip():
         from iterabre.evaluation import parse_tasks
 

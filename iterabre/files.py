@@ -55,33 +55,32 @@ def replace_dir(tmp: Path, dst: Path) -> None:
 
 
 @contextmanager
+def _swap_in(dst: Path, make, commit, remove):
+    """Yield a temp path next to `dst` (prepared by `make`); `commit(tmp, dst)` on success, `remove(tmp)` always."""
+    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    try:
+        with _enospc_as_error(dst):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            make(tmp)
+            yield tmp
+            commit(tmp, dst)
+    finally:
+        remove(tmp)
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # a leftover of a killed process with the same pid
+    path.mkdir()
+
+
 def atomic_dir(dst: str | os.PathLike):
-    """Yield a fresh temp dir next to `dst`; on success it replaces `dst`, on error it is removed."""
-    dst = Path(dst)
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    try:
-        with _enospc_as_error(dst):
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            yield tmp
-            replace_dir(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Context manager: a fresh temp dir next to `dst`; on success it replaces `dst`, on error it is removed."""
+    return _swap_in(Path(dst), _fresh_dir, replace_dir, lambda tmp: shutil.rmtree(tmp, ignore_errors=True))
 
 
-@contextmanager
 def atomic_file(dst: str | os.PathLike):
-    """Yield a temp path next to `dst`; on success it is renamed over `dst`, on error removed."""
-    dst = Path(dst)
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    try:
-        with _enospc_as_error(dst):
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            yield tmp
-            os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Context manager: a temp path next to `dst`; on success it is renamed over `dst`, on error removed."""
+    return _swap_in(Path(dst), lambda tmp: None, os.replace, lambda tmp: tmp.unlink(missing_ok=True))
 
 
 def write_json(obj, path: str | os.PathLike, indent: int | None = 2, sort_keys: bool = True) -> Path:
@@ -207,10 +206,7 @@ def output_lock(folder: str | os.PathLike):
         except FileExistsError:
             owner = _lock_owner(lock)
             if owner is not None and not _stale(owner):
-                raise IterabreError(
-                    f"{folder} is in use by another iterabre job (pid {owner.get('pid')} on {owner.get('host')}, "
-                    f"started {owner.get('started')}).",
-                    f"wait for it to finish, or pass another --output; if that job is gone, delete {lock}") from None
+                raise _in_use(folder, owner, lock) from None
             lock.unlink(missing_ok=True)
     else:
         raise IterabreError(f"could not take {lock}: another job keeps re-creating it.", "pass another --output")
@@ -223,6 +219,20 @@ def output_lock(folder: str | os.PathLike):
             lock.unlink(missing_ok=True)
         if created and not any(folder.iterdir()):
             folder.rmdir()  # a job refused before writing anything leaves no empty folder behind
+
+
+def check_unlocked(folder: str | os.PathLike) -> None:
+    """Refuse, in one line, a folder another live job holds (checked again, race-free, by `output_lock`)."""
+    lock = Path(folder) / LOCK_NAME
+    owner = _lock_owner(lock)
+    if owner is not None and not _stale(owner):
+        raise _in_use(Path(folder), owner, lock)
+
+
+def _in_use(folder: Path, owner: dict, lock: Path) -> IterabreError:
+    return IterabreError(f"{folder} is in use by another iterabre job (pid {owner.get('pid')} on {owner.get('host')}, "
+                         f"started {owner.get('started')}).",
+                         f"wait for it to finish, or pass another --output; if that job is gone, delete {lock}")
 
 
 def _lock_owner(lock: Path) -> dict | None:
