@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import time
@@ -33,8 +32,7 @@ def parse_args() -> argparse.Namespace:
     common.add_common_args(p)
     p.add_argument("--model", default="smollm2-135m", help="embedded name, folder or hub id")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--name", default=None, help="result file name (default base_eval[-quick])")
-    p.add_argument("--report-only", action="store_true", help="print what is saved, run nothing")
+    common.add_result_args(p, "base_eval")
     return p.parse_args()
 
 
@@ -61,13 +59,9 @@ def plan_chunks(slices: dict[str, int] = SLICES) -> dict[str, list[str]]:
 @contextlib.contextmanager
 def locked_state(name: str, s: dict):
     """The result file's {"chunks", "claims"} under an exclusive lock; written back on exit."""
-    path = common.RESULTS / f"{name}.json"
-    common.RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(common.RESULTS / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        old = json.loads(path.read_text()) if path.exists() else {}
-        same = old.get("settings") == json.loads(json.dumps(s))
-        state = {"chunks": old.get("chunks", {}) if same else {}, "claims": old.get("claims", {}) if same else {}}
+    with common.locked(name):
+        old = common.previous(name, s)
+        state = {"chunks": old.get("chunks", {}), "claims": old.get("claims", {})}
         yield state
         common.write_json(name, {"machine": common.machine_info(), "settings": s, **state,
                                  "summary": summary(state["chunks"], plan_chunks(), s["limit"])})
@@ -153,8 +147,10 @@ def summary(done: dict[str, dict], chunks: dict[str, list[str]], limit: int | No
 
 
 def print_report(name: str) -> None:
-    path = common.RESULTS / f"{name}.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
+    from iterabre.files import read_json
+
+    path = common.result_path(name)
+    saved = read_json(path) if path.exists() else {}
     done, plan = saved.get("chunks", {}), plan_chunks()
     print(f"{len(done)}/{len(plan)} chunks done; missing: {[c for c in plan if c not in done] or 'none'}")
     print(json.dumps(saved.get("summary", {}), indent=2))
@@ -164,7 +160,7 @@ def main() -> None:
     """Claim and run chunks until none is left, saving each; then print the summary."""
     args = parse_args()
     common.apply_threads(args.threads)
-    s, name = settings(args), args.name or ("base_eval-quick" if args.quick else "base_eval")
+    s, name = settings(args), common.result_name(args, "base_eval")
     if not args.report_only:
         from iterabre.models import load_model
 

@@ -23,6 +23,7 @@ bench/results/budget_study.json at once; a rerun with the same settings resumes.
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import statistics
 import time
@@ -50,22 +51,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", default=None, help="seeds of the main table (default 0,1,2)")
     p.add_argument("--experiments", default=",".join(EXPERIMENTS), help="comma list of: " + ", ".join(EXPERIMENTS))
     p.add_argument("--eval", default=None, help="eval limits per task (default wikitext=2,blimp=10)")
-    p.add_argument("--name", default=None, help="result file name (default budget_study; quick: budget_study-quick)")
-    p.add_argument("--report-only", action="store_true", help="print the tables from the JSON")
+    common.add_result_args(p, "budget_study")
     return p.parse_args()
 
 
 def settings(args) -> dict:
     """Everything that changes the numbers; a result file is resumed only when these match."""
-    from quality import parse_limits
-
     q = args.quick
-    pick = lambda value, full, small: value if value is not None else (small if q else full)  # noqa: E731
+    pick = functools.partial(common.pick, quick=q)
     return {"model": "smollm2-135m", "blocks": 2 if q else 4, "deep_blocks": 3 if q else 8,
             "budget": pick(args.budget, 8192, 512), "large_factor": 2, "calib_tokens": 128 if q else 256,
             "seq_len": 64 if q else 128, "lrs": [float(x) for x in pick(args.lrs, "5e-5,2e-4", "2e-4").split(",")],
             "seeds": [int(x) for x in pick(args.seeds, "0,1,2", "0,1").split(",")],
-            "eval": parse_limits(pick(args.eval, "wikitext=2,blimp=10", "wikitext=1,blimp=1")),
+            "eval": common.parse_limits(pick(args.eval, "wikitext=2,blimp=10", "wikitext=1,blimp=1")),
             "adaptive_eval_tokens": 128 if q else 1024, "final_share": 0.2}
 
 
@@ -107,24 +105,19 @@ def job_config(unit: dict, s: dict, lr: float, out: Path):
 
 def phase_summary(report: dict) -> list[dict]:
     """Per recovery phase: what was removed, tokens given/used, held-out KD loss before/after."""
-    phases = report["steps"] + ([report["final_recovery"]] if report.get("final_recovery") else [])
     keep = ("loss_before", "loss_after", "tokens", "seconds", "stopped_early", "aborted")
     return [{"removed": p["removed"], "budget": p["budget"], **{k: p["recovery"].get(k) for k in keep}}
-            for p in phases]
+            for p in common.recovery_phases(report)]
 
 
 def run_unit(unit: dict, s: dict, lr: float, work: Path) -> dict:
     """One compression job through the flow, then the study's evaluation of its final model."""
-    from quality import evaluate, headline
-
-    from flows.compress import compress, flow_parameters
-    from iterabre.models import load_model
+    from quality import evaluate_saved, headline
 
     out = work / unit["id"].replace("/", "_")
     start = time.perf_counter()
-    report = compress(**flow_parameters(job_config(unit, s, lr, out), log_checkpoints=False))
-    model, tokenizer = load_model(report["final_dir"])
-    ev = evaluate(model, tokenizer, s["eval"])
+    report = common.run_flow(job_config(unit, s, lr, out))
+    ev = evaluate_saved(report["final_dir"], s["eval"], s)
     shutil.rmtree(out, ignore_errors=True)
     return {**unit, "lr": lr, "removed": report["removed_layers"], "recovery": phase_summary(report),
             "tokens_used": report["budget"]["used_total"], "eval": ev, **headline(ev),
@@ -133,12 +126,9 @@ def run_unit(unit: dict, s: dict, lr: float, work: Path) -> dict:
 
 def run_base(s: dict) -> dict:
     """The unpruned model under the same evaluation."""
-    from quality import evaluate, headline
+    from quality import evaluate_saved, headline
 
-    from iterabre.models import load_model
-
-    model, tokenizer = load_model(s["model"])
-    ev = evaluate(model, tokenizer, s["eval"])
+    ev = evaluate_saved(s["model"], s["eval"], s)
     return {"id": "base", "exp": "base", "method": "base", "removed": [], "eval": ev, **headline(ev)}
 
 
@@ -226,26 +216,19 @@ def print_report(s: dict, units: dict) -> None:
 
 # ---------------------------------------------------------------- driver
 
-def load_previous(name: str, s: dict) -> dict:
-    """Finished units from an earlier run with identical settings (quality.py's resume rule)."""
-    import quality
+NOTES = ("mean ± sample sd over seeds; per-unit ± is lm-eval's stderr; "
+         "held-out KD = KL(base || final) on held-out wikitext-2 valid windows")
 
-    return quality.load_previous(name, s, fresh=False)
+
+def load_previous(name: str, s: dict) -> dict:
+    """Finished units from an earlier run with identical settings (common.previous's resume rule)."""
+    return common.previous(name, s).get("units", {})
 
 
 def save(name: str, s: dict, unit: dict, pending: list[str]) -> dict:
-    """Add one finished unit to the result file, under a lock: two processes may share the file
-    (e.g. `--experiments deep,large` on the second core), so re-read, merge, then rename over it."""
-    import fcntl
-
-    with open(common.RESULTS / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        units = {**load_previous(name, s), unit["id"]: unit}
-        common.write_json(name, {"machine": common.machine_info(), "settings": s, "units": units,
-                                 "pending": [u for u in pending if u not in units],
-                                 "notes": "mean ± sample sd over seeds; per-unit ± is lm-eval's stderr; "
-                                          "held-out KD = KL(base || final) on held-out wikitext-2 valid windows"})
-    return units
+    """Add one finished unit to the result file, merged with what is in it: two processes may share
+    it (e.g. `--experiments deep,large` on the second core)."""
+    return common.save_units(name, s, {unit["id"]: unit}, pending, NOTES, merge=True)
 
 
 def cannot_stop_early(unit: dict, s: dict) -> bool:
@@ -266,39 +249,36 @@ def finished_twin(units: dict, unit: dict, lr: float, s: dict) -> dict | None:
 
 
 def run_all(name: str, s: dict, plan: list[dict]) -> dict:
-    """Run every planned unit not finished yet (fresh Prefect / MLflow stores in a temp folder)."""
-    from overhead import fresh_stores
+    """Run the base and every planned unit not finished yet, saving each at once."""
+    by_id = {u["id"]: u for u in plan}
 
-    work, pending = fresh_stores(), [u["id"] for u in plan]
-    try:
-        units = load_previous(name, s)
-        if "base" not in units:
-            units = save(name, s, run_base(s), pending)
-        for unit in plan:
-            if unit["id"] in units:
-                continue
-            lr = unit.get("lr") or chosen_lr(units, s)
-            twin = finished_twin(units, unit, lr, s)
-            print(f"[run ] {unit['id']} ..." if twin is None else f"[same] {unit['id']} = {twin['id']}", flush=True)
-            done = run_unit(unit, s, lr, work) if twin is None else {**twin, **unit, "lr": lr, "same_as": twin["id"]}
-            units = save(name, s, done, pending)  # also picks up what another process finished
-            print(f"[done] {unit['id']} in {done['seconds'] / 60:.1f} min", flush=True)
-        return units
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    def run(uid: str, units: dict, work: Path) -> dict:
+        if uid == "base":
+            return run_base(s)
+        unit = by_id[uid]
+        lr = unit.get("lr") or chosen_lr(units, s)
+        twin = finished_twin(units, unit, lr, s)
+        if twin is None:
+            return run_unit(unit, s, lr, work)
+        print(f"[same] {uid} = {twin['id']}", flush=True)
+        return {**twin, **unit, "lr": lr, "same_as": twin["id"]}
+
+    # saving re-reads the file, so it also picks up what another process finished
+    return common.run_units(["base", *by_id], load_previous(name, s), run,
+                            lambda uid, done: save(name, s, done, list(by_id)))
 
 
 def main() -> None:
     """Run what is not finished, saving after each unit; then print the tables."""
     args = parse_args()
     common.apply_threads(args.threads)
-    s, name = settings(args), args.name or ("budget_study-quick" if args.quick else "budget_study")
+    s, name = settings(args), common.result_name(args, "budget_study")
     units = load_previous(name, s)
     if not args.report_only:
         experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
         units = run_all(name, s, plan_units(s, experiments))
     print_report(s, units)
-    print(f"wrote {common.RESULTS / (name + '.json')}")
+    print(f"wrote {common.result_path(name)}")
 
 
 if __name__ == "__main__":

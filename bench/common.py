@@ -1,4 +1,4 @@
-"""Shared helpers for the bench scripts: offline env, machine info, timing, memory, output.
+"""Shared helpers for the bench scripts: offline env, settings, flow jobs, timing, memory, result files.
 
 Every script times its two variants in the same process, alternating them (A B B A ...)
 so a neighbour's load spike hits both, and reports the median ratio, never an absolute
@@ -16,11 +16,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+DEFAULT_RESULTS = REPO / "bench" / "results"
+# A trial run (or a test) points this elsewhere, so it never overwrites hours of measurements.
+RESULTS = Path(os.environ.get("ITERABRE_BENCH_RESULTS") or DEFAULT_RESULTS)
 
 # Set before transformers / datasets / prefect / mlflow are imported: they read these once.
 OFFLINE_ENV = {
@@ -47,6 +50,31 @@ def add_common_args(parser) -> None:
                         help="torch intra-op threads (default: torch's choice); 1 is steadier on a busy CPU")
 
 
+def add_result_args(parser, default: str) -> None:
+    """--name and --report-only of the scripts whose result file gathers finished units over runs."""
+    parser.add_argument("--name", default=None, help=f"result file name (default {default}; quick: {default}-quick)")
+    parser.add_argument("--report-only", action="store_true", help="print what is saved (tables, plots), run nothing")
+
+
+def result_name(args, default: str) -> str:
+    """The result file's name: --name, else the script's default (with -quick for a smoke run)."""
+    return args.name or (f"{default}-quick" if args.quick else default)
+
+
+def pick(value, full, small, quick: bool):
+    """A setting: the value given on the command line, else the full or the --quick default."""
+    return value if value is not None else (small if quick else full)
+
+
+def parse_limits(text: str) -> dict[str, int | None]:
+    """'wikitext=3,blimp=all' -> {"wikitext": 3, "blimp": None} (documents per leaf task; None = all)."""
+    out = {}
+    for item in text.split(","):
+        task, _, limit = item.partition("=")
+        out[task.strip()] = int(limit) if limit and limit != "all" else None
+    return out
+
+
 def apply_threads(threads: int | None) -> None:
     """Pin torch's thread count; oversubscribed OpenMP spin-waits can cost 10x on a shared CPU."""
     import torch
@@ -66,19 +94,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit() -> dict:
-    """HEAD commit and whether the working tree has uncommitted changes."""
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain"))}
-
-
 def machine_info() -> dict:
     """What the numbers were measured on; stored next to them in every result file."""
     import torch
     import transformers
+
+    from iterabre import files
 
     return {
         "cpu": cpu_model(),
@@ -90,21 +111,114 @@ def machine_info() -> dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_avg_1m": {"start": round(_LOAD_AT_START, 2), "end": round(os.getloadavg()[0], 2)},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git": git_commit(),
+        "git": {"commit": files.git_commit(REPO), "dirty": files.git_dirty(REPO)},
     }
 
 
+# ---------------------------------------------------------------- result files
+
+def result_path(name: str) -> Path:
+    """bench/results/<name>.json."""
+    return RESULTS / f"{name}.json"
+
+
 def write_json(name: str, payload: dict) -> Path:
-    """Write bench/results/<name>.json atomically (temp file in the same folder, then rename)."""
+    """Write bench/results/<name>.json with the project's one atomic writer; keys stay in the order given."""
+    from iterabre import files
+
+    return files.write_json(payload, result_path(name), indent=2, sort_keys=False)
+
+
+def previous(name: str, s: dict) -> dict:
+    """The saved <name>.json if it was made with the settings `s`, else {}: the one resume rule."""
+    from iterabre import files
+
+    path = result_path(name)
+    if not path.exists():
+        return {}
+    old = files.read_json(path)
+    return old if old.get("settings") == json.loads(json.dumps(s)) else {}  # compared as stored (tuples -> lists)
+
+
+@contextmanager
+def locked(name: str):
+    """An exclusive lock on <name>.json for a read-modify-write: two processes may share the file."""
+    import fcntl
+
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, prefix=f".{name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by everyone
-    os.replace(tmp, path)
-    return path
+    with open(RESULTS / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def save_units(name: str, s: dict, units: dict, pending: list[str], notes: str, merge: bool = False) -> dict:
+    """Write {machine, settings, units, pending, notes} after a unit finishes; returns the units saved.
+
+    merge: add `units` to those already in the file (re-read under the lock), so a second process
+    working on the same file keeps what the first finished.
+    """
+    with locked(name):
+        if merge:
+            units = {**previous(name, s).get("units", {}), **units}
+        write_json(name, {"machine": machine_info(), "settings": s, "units": units,
+                          "pending": [u for u in pending if u not in units], "notes": notes})
+    return units
+
+
+# ---------------------------------------------------------------- jobs through the flow
+
+def fresh_stores() -> Path:
+    """A temp folder holding fresh Prefect and MLflow stores; must run before either is imported."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-flow-"))
+    os.environ.update({
+        "PREFECT_HOME": str(tmp / "prefect"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+        "HF_DATASETS_CACHE": str(tmp / "hf-datasets"),
+    })
+    return tmp
+
+
+def run_flow(cfg, log_checkpoints: bool = False, **options) -> dict:
+    """One compression job through the Prefect flow, as `iterabre compress` runs it; its report.
+
+    The loop lives once, in flows/compress.py: every bench that prunes runs it from here.
+    Checkpoints are not copied to MLflow by default: a bench throws its jobs away.
+    """
+    from flows.compress import compress, flow_parameters
+    from flows.lifecycle import ensure_prefect_api
+
+    ensure_prefect_api()  # started once per process; later calls return at once
+    return compress(**flow_parameters(cfg, log_checkpoints=log_checkpoints, **options))
+
+
+def run_units(plan: list[str], units: dict, run, save) -> dict:
+    """Run each planned unit not in `units` yet, saving after each, with fresh Prefect / MLflow stores.
+
+    run(uid, units, work) -> the unit's result (with its "seconds"); save(uid, result) -> every unit
+    saved so far. The stores and the jobs' outputs live in `work`, thrown away at the end.
+    """
+    import shutil
+
+    work = fresh_stores()
+    try:
+        for uid in plan:
+            if uid in units:
+                print(f"[skip] {uid}: finished in an earlier run", flush=True)
+                continue
+            print(f"[run ] {uid} ...", flush=True)
+            done = run(uid, units, work)
+            units = save(uid, done)
+            print(f"[done] {uid} in {done.get('seconds', 0) / 60:.1f} min", flush=True)
+        return units
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def recovery_phases(report: dict) -> list[dict]:
+    """A flow report's recovery phases in order: one per step, then the 'final' schedule's last one."""
+    return report["steps"] + ([report["final_recovery"]] if report.get("final_recovery") else [])
 
 
 def print_table(title: str, columns: list[str], rows: list[list]) -> None:
@@ -164,10 +278,14 @@ def ratio_stats(num: list[float], den: list[float]) -> dict:
             "pairs": pairs}
 
 
-def run_child(script: Path, args: list[str], timeout: int = 3600) -> dict:
-    """Run `script` in a fresh interpreter and parse the JSON object on its last stdout line."""
+def run_child(script: Path, args: list[str], timeout: int = 3600, env: dict | None = None) -> dict:
+    """Run `script` in a fresh interpreter and parse the JSON object on its last stdout line.
+
+    `env` adds to (or, with a None value, removes from) this process's environment.
+    """
+    child_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **OFFLINE_ENV})
+                          timeout=timeout, env={k: v for k, v in child_env.items() if v is not None})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
@@ -184,36 +302,19 @@ def child_memory(script: Path, children: dict[str, str], extra: list[str], key: 
     return out
 
 
-def _status_mb(field: str) -> float | None:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB, or None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
+def peak_of(fn, device: str = "cpu") -> dict:
+    """Memory around one call of fn() (iterabre.memory's peak marks, MiB): the peak before it
+    (loading), the level it starts from, and the peak while it runs (CUDA allocator or CPU RSS)."""
+    import torch
 
+    from iterabre.memory import peak_mb, start_peak
 
-def max_rss_mb() -> float:
-    """Peak RSS of this process's address space so far, in MiB.
-
-    VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork/exec,
-    so a child of a big parent would report the parent's size.
-    """
-    import resource
-
-    hwm = _status_mb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak_rss() -> float:
-    """Reset the peak-RSS mark to the current RSS (Linux >= 4.0); returns the current RSS in MiB."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # no reset: the peak then also covers setup, which only overstates memory
-    return _status_mb("VmRSS") or max_rss_mb()
+    dev = torch.device(device)
+    loaded = peak_mb(dev, 0)  # nothing was reset yet: the process's peak so far
+    baseline = start_peak(dev)
+    setup = peak_mb(dev, baseline)  # right after the reset the peak mark is the current level
+    fn()
+    return {"load_peak_mb": loaded, "setup_mb": setup, "peak_mb": peak_mb(dev, baseline)}
 
 
 def emit_child_result(result: dict) -> None:

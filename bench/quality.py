@@ -1,19 +1,22 @@
 """Quality table on SmolLM2-135M: IteRABRe vs one-shot and SLEB-style baselines, same recovery budget.
 
-Every method removes `--blocks` blocks from the 30-block base and gets the same total
-recovery budget (`--budget` tokens of KD from the base model, the library's default
-RecoveryConfig otherwise), on the same calibration / recovery / held-out windows that
-`iterabre.steps.prepare_data` cuts for a compression job:
+Every method is a job of the Prefect flow `iterabre` (the code `iterabre compress` runs, so
+the loop exists once), set up by a CompressConfig: it removes `--blocks` blocks from the
+30-block base and gets the same total recovery budget (`--budget` tokens of KD from the base
+model, the library's default RecoveryConfig otherwise), on the calibration / recovery /
+held-out windows the flow cuts (`iterabre.steps.prepare_data`):
 
     iterabre        output scorer, iterative (1 block per step), KD after every step (budget split equally)
-    block-influence ShortGPT: one-shot, lowest 1 - cos(block input, block output); then KD
-    angular         Gromov et al.: one-shot contiguous run with the lowest angular distance; then KD
-    perplexity      SLEB-style: iterative, re-scored after each removal, no training in between; then KD
+    block-influence ShortGPT: one-shot, lowest 1 - cos(block input, block output)
+    angular         Gromov et al.: one-shot contiguous run with the lowest angular distance
+    perplexity      SLEB-style: iterative, re-scored after each removal, no training in between
     output          output scorer, iterative, no recovery (the IteRABRe schedule without healing)
 
-plus a no-recovery row for every scorer. Each model gets the same lm-eval evaluation
-(wikitext word perplexity, BLiMP, XCOPA; `--eval` per-task limits) and a cheaper "curve"
-evaluation at every block count the method passes through, for the plot
+plus a "+ KD" row for the first three baselines: the same pruning, then the whole budget as
+one KD phase after the last removal. The flow evaluates nothing (eval_tasks=''); each final
+model gets this script's lm-eval evaluation (wikitext word perplexity, BLiMP, XCOPA; `--eval`
+per-task limits) and a cheaper "curve" evaluation at every block count the method passes
+through (each step's checkpoint; one job per count for the one-shot methods), for the plot
 docs/quality_vs_blocks.png. Units of work are saved to bench/results/quality.json as they
 finish; a rerun with the same settings skips finished units (use --fresh to redo them).
 
@@ -23,27 +26,27 @@ finish; a rerun with the same settings skips finished units (use --fresh to redo
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
-import json
-import math
-import tempfile
+import functools
+import shutil
 import time
 from pathlib import Path
 
 import common
 
-# name -> (scorer, schedule, recover_between_steps, label)
+# name -> (scorer, schedule, recovery, label); recovery: see `recovery_fields`
 METHODS = {
-    "iterabre": ("output", "iterative", True, "IteRABRe (output, iterative, KD each step)"),
-    "block-influence": ("block-influence", "one-shot", False, "ShortGPT block-influence, one-shot"),
-    "angular": ("angular", "one-shot", False, "angular distance, one-shot contiguous"),
-    "perplexity": ("perplexity", "iterative", False, "SLEB-style perplexity, iterative"),
-    "output": ("output", "iterative", False, "output scorer, iterative"),
+    "iterabre": ("output", "iterative", "each-step", "IteRABRe (output, iterative, KD each step)"),
+    "block-influence": ("block-influence", "one-shot", "none", "ShortGPT block-influence, one-shot"),
+    "angular": ("angular", "one-shot", "none", "angular distance, one-shot contiguous"),
+    "perplexity": ("perplexity", "iterative", "none", "SLEB-style perplexity, iterative"),
+    "output": ("output", "iterative", "none", "output scorer, iterative"),
 }
 KD_AFTER = ("block-influence", "angular", "perplexity")  # baselines that also get a "+ KD" row
 XCOPA_LANGS = ("et", "ht", "id", "it", "qu", "sw", "ta", "th", "tr", "vi", "zh")
 PLOT = common.REPO / "docs" / "quality_vs_blocks.png"
+RECOVERY_KEYS = ("loss_before", "loss_after", "tokens", "steps", "seconds", "tokens_per_s", "aborted", "reason",
+                 "peak_mem_mb")
+NOTES = "avg_acc = mean(BLiMP acc, XCOPA acc); limits are documents per leaf task"
 
 
 def parse_args() -> argparse.Namespace:
@@ -62,21 +65,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kd-batch-size", type=int, default=None, help="KD micro-batch (default: RecoveryConfig's)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list of: " + ", ".join(METHODS))
     p.add_argument("--fresh", action="store_true", help="ignore finished units in the result file")
-    p.add_argument("--name", default=None, help="result file name (default quality, quick: quality-quick)")
-    p.add_argument("--report-only", action="store_true", help="print tables and redraw the plot from the JSON")
+    common.add_result_args(p, "quality")
     return p.parse_args()
 
 
 def settings(args) -> dict:
     """Everything that changes the numbers; a result file is resumed only when these match."""
-    quick = args.quick
-    pick = lambda value, full, small: value if value is not None else (small if quick else full)  # noqa: E731
+    pick = functools.partial(common.pick, quick=args.quick)
     blocks = pick(args.blocks, 6, 2)
     ks = pick(args.oneshot_ks, "2,4", "1")
     return {"model": args.model, "blocks": blocks, "budget": pick(args.budget, 24576, 1024),
             "calib_tokens": pick(args.calib_tokens, 1024, 128), "seq_len": pick(args.seq_len, 128, 64),
-            "eval": parse_limits(pick(args.eval, "wikitext=3,blimp=10,xcopa=20", "wikitext=1,blimp=1,xcopa=1")),
-            "curve_eval": parse_limits(pick(args.curve_eval, "wikitext=2", "blimp=1")),
+            "eval": common.parse_limits(pick(args.eval, "wikitext=3,blimp=10,xcopa=20", "wikitext=1,blimp=1,xcopa=1")),
+            "curve_eval": common.parse_limits(pick(args.curve_eval, "wikitext=2", "blimp=1")),
             "oneshot_ks": sorted({int(k) for k in ks.split(",") if k and int(k) < blocks} | {blocks}),
             "seed": 0, **optional_settings(args)}
 
@@ -93,31 +94,7 @@ def optional_settings(args) -> dict:
     return out
 
 
-def parse_limits(text: str) -> dict[str, int]:
-    """'wikitext=3,blimp=all' -> {"wikitext": 3, "blimp": None} (documents per leaf task; None = all)."""
-    out = {}
-    for item in text.split(","):
-        task, _, limit = item.partition("=")
-        out[task.strip()] = int(limit) if limit and limit != "all" else None
-    return out
-
-
-# ---------------------------------------------------------------- data, evaluation
-
-def prepare(s: dict, work: Path):
-    """(base model, tokenizer, data dict) with the flow's own data split."""
-    from iterabre import planning, steps
-    from iterabre.config import CompressConfig
-    from iterabre.embedded import pull_embedded_model
-    from iterabre.models import load_model
-
-    base, tokenizer = load_model(s["model"], device=s.get("device", "cpu"))
-    cfg = CompressConfig(model=s["model"], calibration_tokens=s["calib_tokens"], seq_len=s["seq_len"],
-                         seed=s["seed"], target_layers=1)
-    budgets = planning.step_budgets(s["budget"], s["blocks"])
-    data = steps.load_data(steps.prepare_data(cfg, pull_embedded_model(s["model"]), work, budgets))
-    return base, tokenizer, data
-
+# ---------------------------------------------------------------- evaluation
 
 def evaluate(model, tokenizer, limits: dict, batch_size: int = 32) -> dict:
     """lm-eval metrics per task, each task with its own document limit, on the model's device.
@@ -134,6 +111,13 @@ def evaluate(model, tokenizer, limits: dict, batch_size: int = 32) -> dict:
     return out
 
 
+def evaluate_saved(model: str, limits: dict, s: dict) -> dict:
+    """`evaluate` on a model loaded from a spec or folder (a job's checkpoint) onto the bench's device."""
+    from iterabre.models import load_model
+
+    return evaluate(*load_model(str(model), device=s.get("device", "cpu")), limits)
+
+
 def headline(ev: dict) -> dict:
     """The table's numbers from an evaluation: perplexity, accuracies, stderrs, average."""
     get = lambda task, metric: ev.get(task, {}).get(metric)  # noqa: E731
@@ -147,109 +131,103 @@ def headline(ev: dict) -> dict:
     return row
 
 
-# ---------------------------------------------------------------- pruning and recovery
-
-def ones(ids):
-    """All-ones attention mask: windows are full slices of one token stream."""
-    import torch
-
-    return torch.ones_like(ids)
+def curve_point(removed: list[int], model: str, s: dict) -> dict:
+    """One point of the plot: a model after `removed`, under the cheap curve evaluation."""
+    return {"blocks_removed": len(removed), "removed": list(removed),
+            **headline(evaluate_saved(model, s["curve_eval"], s))}
 
 
-def scores_for(model, data: dict, scorer: str, n: int = 1):
-    """Block scores (original index -> importance) on the calibration windows."""
-    from iterabre.scorers import score_blocks
+# ---------------------------------------------------------------- jobs through the flow
 
-    calib = data["calib"]
-    return score_blocks(model, calib, ones(calib), scorer=scorer, n=n, batch_size=4)
+@functools.lru_cache(maxsize=None)
+def base_layers(model: str) -> int:
+    """Decoder blocks of the base model (a job's target is the blocks it keeps)."""
+    from iterabre import steps
+    from iterabre.embedded import EMBEDDED, pull_embedded_model
+
+    return steps.num_layers(pull_embedded_model(model) if model in EMBEDDED else model)
 
 
-def heal(student, teacher, data: dict, removed: list[int], tokens: int, window: tuple[int, int], s: dict) -> dict:
-    """KD recovery with the library defaults and `tokens` budget on one slice of the recovery windows."""
+def recovery_fields(recovery: str, s: dict) -> dict:
+    """A job's CompressConfig fields for its recovery (RecoveryConfig defaults, KD from the base model).
+
+    each-step: KD after every removal, the budget split equally over the steps (IteRABRe);
+    none:      no training at all;
+    at-end:    the whole budget as one KD phase after the last removal (the "+ KD" rows): the
+               'final' budget schedule with a share that rounds to every micro-batch, so the
+               steps before it get 0 tokens and train nothing (a one-shot job's one step gets it all).
+    """
     from iterabre.config import RecoveryConfig
-    from iterabre.recovery import recover
 
-    cfg = dataclasses.replace(RecoveryConfig(), tokens=tokens)
-    if s.get("kd_batch_size"):
-        cfg.batch_size = s["kd_batch_size"]
-    ids, held = data["recovery"][window[0]:window[1]], data["heldout"]
-    res = recover(student, teacher, ids, ones(ids), cfg, removed=removed, heldout_ids=held, heldout_mask=ones(held),
-                  device=s.get("device", "cpu"))
-    keep = ("loss_before", "loss_after", "tokens", "steps", "seconds", "tokens_per_s", "aborted", "reason",
-            "peak_mem_mb")
-    return {k: getattr(res, k) for k in keep}
-
-
-def iterative(name: str, base, tokenizer, data: dict, s: dict, curve: list) -> tuple:
-    """Remove one block per step, re-scoring each time; KD between steps for IteRABRe."""
-    from iterabre import planning, steps
-    from iterabre.surgery import remove_blocks
-
-    scorer, _, heal_between, _ = METHODS[name]
-    model, removed, recoveries = copy.deepcopy(base), [], []
-    budgets = planning.step_budgets(s["budget"], s["blocks"])
-    ranges = planning.recovery_ranges(budgets, s["seq_len"])
-    for step in range(s["blocks"]):
-        scores = scores_for(model, data, scorer)
-        remove = planning.plan_removal(scores, 1, scorer, scores.order)
-        remove_blocks(model, remove)
-        removed += remove
-        if heal_between:
-            recoveries.append(heal(model, base, data, remove, budgets[step], ranges[step], s))
-        curve.append({"blocks_removed": step + 1, "removed": list(removed),
-                      **headline(evaluate(model, tokenizer, s["curve_eval"]))})
-    return model, removed, recoveries
+    batch = s.get("kd_batch_size") or RecoveryConfig.batch_size
+    rec = RecoveryConfig(method="none" if recovery == "none" else "kd", batch_size=batch)
+    if recovery == "none":
+        return {"recovery": rec, "recovery_tokens": 0, "budget_schedule": "equal"}
+    if recovery == "each-step":
+        return {"recovery": rec, "recovery_tokens": s["budget"], "budget_schedule": "equal"}
+    units = max(1, s["budget"] // (batch * s["seq_len"]))  # micro-batches in the budget
+    # round(units * share) == units, and share stays below 1 as the config requires
+    return {"recovery": rec, "recovery_tokens": s["budget"], "budget_schedule": "final",
+            "final_share": 1 - 1 / (4 * units)}
 
 
-def one_shot(name: str, base, tokenizer, data: dict, s: dict, curve: list) -> tuple:
-    """Score the base once (runs of k blocks for angular) and remove the k lowest, for each k."""
-    from iterabre import planning, steps
-    from iterabre.surgery import remove_blocks
+def job_config(s: dict, scorer: str, schedule: str, recovery: str, blocks: int, out: Path):
+    """The CompressConfig of one job: the flow's defaults except the bench's sizes, the method and its recovery."""
+    from iterabre.config import CompressConfig
 
-    scorer = METHODS[name][0]
-    plain = None if scorer == "angular" else scores_for(base, data, scorer)
-    for k in s["oneshot_ks"]:
-        scores = scores_for(base, data, scorer, n=k) if scorer == "angular" else plain
-        removed = planning.plan_removal(scores, k, scorer, scores.order)
-        model = remove_blocks(copy.deepcopy(base), removed)
-        curve.append({"blocks_removed": k, "removed": list(removed),
-                      **headline(evaluate(model, tokenizer, s["curve_eval"]))})
-    return model, removed, []
+    return CompressConfig(model=s["model"], target_layers=base_layers(s["model"]) - blocks, scorer=scorer,
+                          schedule=schedule, calibration_tokens=s["calib_tokens"], seq_len=s["seq_len"],
+                          seed=s["seed"], device=s.get("device", "cpu"), eval_tasks="", output=str(out),
+                          **recovery_fields(recovery, s))
+
+
+def unit_spec(uid: str, method: str) -> tuple[str, str, str, str]:
+    """(scorer, schedule, recovery, label) of a unit: its method's, or for a "+kd" row the same
+    pruning with the whole budget spent after the last removal."""
+    scorer, schedule, recovery, label = METHODS[method]
+    if uid.endswith("+kd"):
+        return scorer, schedule, "at-end", f"{label} + KD"
+    return scorer, schedule, recovery, label
+
+
+def curve(report: dict, s: dict, every_step: bool) -> list[dict]:
+    """Curve points of a job: every step's checkpoint, or only its final model."""
+    if not every_step:
+        return [curve_point(report["removed_layers"], report["final_dir"], s)]
+    points, removed = [], []
+    for step in report["steps"]:
+        removed = removed + step["removed"]
+        points.append(curve_point(removed, step["checkpoint"], s))
+    return points
 
 
 # ---------------------------------------------------------------- units of work
 
-def unit_base(base, tokenizer, data, s) -> dict:
+def unit_base(s: dict) -> dict:
     """The unpruned model: final and curve evaluation."""
-    ev = evaluate(base, tokenizer, s["eval"])
-    curve = [{"blocks_removed": 0, "removed": [], **headline(evaluate(base, tokenizer, s["curve_eval"]))}]
-    return {"label": "base (30 blocks)", "removed": [], "eval": ev, **headline(ev), "curve": curve}
+    ev = evaluate_saved(s["model"], s["eval"], s)
+    return {"label": f"base ({base_layers(s['model'])} blocks)", "removed": [], "eval": ev, **headline(ev),
+            "curve": [curve_point([], s["model"], s)]}
 
 
-def unit_method(name: str, base, tokenizer, data, s) -> dict:
-    """Prune with one method (healing between steps for IteRABRe), then evaluate the result."""
-    curve: list = []
-    run = iterative if METHODS[name][1] == "iterative" else one_shot
-    model, removed, recoveries = run(name, base, tokenizer, data, s, curve)
-    ev = evaluate(model, tokenizer, s["eval"])
-    tokens = sum(r["tokens"] for r in recoveries)
-    return {"label": METHODS[name][3], "removed": removed, "recovery": recoveries, "recovery_tokens": tokens,
-            "eval": ev, **headline(ev), "curve": curve}
-
-
-def unit_kd(name: str, done: dict, base, tokenizer, data, s) -> dict:
-    """A baseline's pruned model (same removed blocks) healed with the whole budget at once."""
-    from iterabre.surgery import remove_blocks
-
-    removed = done[name]["removed"]
-    model = remove_blocks(copy.deepcopy(base), removed)
-    window = (0, math.ceil(s["budget"] / s["seq_len"]))
-    recovery = heal(model, base, data, removed, s["budget"], window, s)
-    ev = evaluate(model, tokenizer, s["eval"])
-    curve = [{"blocks_removed": len(removed), "removed": removed,
-              **headline(evaluate(model, tokenizer, s["curve_eval"]))}]
-    return {"label": f"{METHODS[name][3]} + KD", "removed": removed, "recovery": [recovery],
-            "recovery_tokens": recovery["tokens"], "eval": ev, **headline(ev), "curve": curve}
+def unit_method(uid: str, method: str, s: dict, work: Path) -> dict:
+    """Prune (and heal) through the flow, one job per block count of the curve; evaluate the last job's model."""
+    scorer, schedule, recovery, label = unit_spec(uid, method)
+    # a one-shot method's intermediate counts are separate jobs; an iterative job passes through them
+    counts = s["oneshot_ks"] if schedule == "one-shot" and recovery != "at-end" else [s["blocks"]]
+    points = []
+    for k in counts:
+        out = work / f"{uid}-{k}"
+        report = common.run_flow(job_config(s, scorer, schedule, recovery, k, out))
+        points += curve(report, s, every_step=recovery != "at-end")  # +KD: the healed model only
+        if k != counts[-1]:
+            shutil.rmtree(out, ignore_errors=True)
+    ev = evaluate_saved(report["final_dir"], s["eval"], s)
+    shutil.rmtree(out, ignore_errors=True)
+    recoveries = [{key: p["recovery"].get(key) for key in RECOVERY_KEYS}
+                  for p in common.recovery_phases(report) if p["recovery"].get("tokens")]
+    return {"label": label, "removed": report["removed_layers"], "recovery": recoveries,
+            "recovery_tokens": sum(r["tokens"] for r in recoveries), "eval": ev, **headline(ev), "curve": points}
 
 
 def plan_units(methods: list[str]) -> list[tuple[str, str]]:
@@ -262,15 +240,10 @@ def plan_units(methods: list[str]) -> list[tuple[str, str]]:
     return units
 
 
-def run_unit(unit: str, method: str, done: dict, base, tokenizer, data, s) -> dict:
+def run_unit(unit: str, method: str, s: dict, work: Path) -> dict:
     """Dispatch one unit and time it."""
     start = time.perf_counter()
-    if unit == "base":
-        out = unit_base(base, tokenizer, data, s)
-    elif unit.endswith("+kd"):
-        out = unit_kd(method, done, base, tokenizer, data, s)
-    else:
-        out = unit_method(method, base, tokenizer, data, s)
+    out = unit_base(s) if unit == "base" else unit_method(unit, method, s, work)
     return {**out, "seconds": time.perf_counter() - start}
 
 
@@ -336,52 +309,35 @@ def plot(units: dict, s: dict, path: Path) -> Path:
     return path
 
 
-def load_previous(name: str, s: dict, fresh: bool) -> dict:
-    """Finished units from an earlier run with identical settings."""
-    path = common.RESULTS / f"{name}.json"
-    if fresh or not path.exists():
-        return {}
-    old = json.loads(path.read_text())
-    return old.get("units", {}) if old.get("settings") == json.loads(json.dumps(s)) else {}
-
-
-def save(name: str, s: dict, units: dict, pending: list[str]) -> None:
-    """Write the result file after every unit, so partial runs keep what they finished."""
-    common.write_json(name, {"machine": common.machine_info(), "settings": s, "units": units, "pending": pending,
-                             "notes": "avg_acc = mean(BLiMP acc, XCOPA acc); limits are documents per leaf task"})
-
-
-def run_all(name: str, s: dict, units: dict, plan: list[tuple[str, str]]) -> None:
+def run_all(name: str, s: dict, units: dict, plan: list[tuple[str, str]]) -> dict:
     """Run every planned unit that is not finished yet, saving the result file after each."""
-    with tempfile.TemporaryDirectory(prefix="bench-quality-") as work:
-        base, tokenizer, data = prepare(s, Path(work))
-        for uid, method in plan:
-            if uid in units:
-                print(f"[skip] {uid}: finished in an earlier run", flush=True)
-                continue
-            print(f"[run ] {uid} ...", flush=True)
-            units[uid] = run_unit(uid, method, units, base, tokenizer, data, s)
-            save(name, s, units, [u for u, _ in plan if u not in units])
-            print(f"[done] {uid} in {units[uid]['seconds'] / 60:.1f} min", flush=True)
+    methods, order = dict(plan), [uid for uid, _ in plan]
+
+    def save(uid: str, done: dict) -> dict:
+        units[uid] = done
+        return common.save_units(name, s, units, order, NOTES)
+
+    return common.run_units(order, units, lambda uid, _, work: run_unit(uid, methods[uid], s, work), save)
 
 
 def main() -> None:
     """Run every unit not yet finished, saving after each; then print the tables and plot."""
     args = parse_args()
     common.apply_threads(args.threads)
-    s, name = settings(args), args.name or ("quality-quick" if args.quick else "quality")
+    s, name = settings(args), common.result_name(args, "quality")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    units = load_previous(name, s, args.fresh)
+    units = {} if args.fresh else common.previous(name, s).get("units", {})
     if not args.report_only:
-        run_all(name, s, units, plan_units(methods))
+        units = run_all(name, s, units, plan_units(methods))
     title = f"{s['model']} minus {s['blocks']} blocks, KD budget {s['budget']} tokens, eval limits {s['eval']}"
     common.print_table(title,
                        ["unit", "removed", "KD tokens", "wiki word ppl", "BLiMP acc", "XCOPA acc", "avg acc",
                         "blocks", "minutes"], table_rows(units))
     common.print_table("XCOPA accuracy per language", ["unit", *XCOPA_LANGS], lang_rows(units))
-    # A smoke run must not overwrite the documented plot.
-    print(f"plot: {plot(units, s, common.RESULTS / 'quality-quick.png' if args.quick else PLOT)}")
-    print(f"wrote {common.RESULTS / (name + '.json')}")
+    # Only the default full run redraws the documented plot; a smoke, named or trial run keeps its own.
+    documented = name == "quality" and common.RESULTS == common.DEFAULT_RESULTS
+    print(f"plot: {plot(units, s, PLOT if documented else common.RESULTS / f'{name}.png')}")
+    print(f"wrote {common.result_path(name)}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -225,23 +224,13 @@ def summarise(runs: dict) -> dict:
 
 def child(variant: str, args) -> None:
     """Memory probe: set up, reset the peak mark, run one variant once, read the peak (RSS or CUDA)."""
-    import torch
-
     from iterabre.devices import resolve_device
 
     size, device = sizes(args.quick), resolve_device(args.device)
     teacher, template, ids = setup(size, device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        loaded = before = torch.cuda.memory_allocated() / 2**20
-        RUNNERS[variant](teacher, template, ids, size)
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        loaded = common.max_rss_mb()
-        before = common.reset_peak_rss()  # the peak below is then the training run's own
-        RUNNERS[variant](teacher, template, ids, size)
-        peak = common.max_rss_mb()
-    common.emit_child_result({"load_peak_mb": loaded, "setup_mb": before, "peak_mb": peak, "kind": device})
+    # the peak mark is reset after setup: the peak is then the training run's own
+    peak = common.peak_of(lambda: RUNNERS[variant](teacher, template, ids, size), device)
+    common.emit_child_result({**peak, "kind": device})
 
 
 def memory(args) -> dict:

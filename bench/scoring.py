@@ -130,10 +130,8 @@ def child(spec: str, args) -> None:
     model, impl = spec.split(":")
     size = sizes(model, args.quick)
     lm, ids, mask = load(model, size)
-    loaded = common.max_rss_mb()
-    setup = common.reset_peak_rss()  # the peak below is then the scoring call's own
-    score_fn(impl, lm, ids, mask, args.scorer, size["batch_size"])()
-    common.emit_child_result({"load_peak_mb": loaded, "setup_mb": setup, "peak_mb": common.max_rss_mb()})
+    # the peak mark is reset after loading: the peak is then the scoring call's own
+    common.emit_child_result(common.peak_of(score_fn(impl, lm, ids, mask, args.scorer, size["batch_size"])))
 
 
 def memory(model: str, args) -> dict:

@@ -1,0 +1,169 @@
+"""bench/quality.py: every method is a CompressConfig run through the flow; the result file still resumes."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import common  # noqa: E402
+import quality  # noqa: E402
+
+from iterabre import planning  # noqa: E402
+from iterabre.config import validate  # noqa: E402
+
+FULL = {"model": "smollm2-135m", "blocks": 6, "budget": 24576, "calib_tokens": 1024, "seq_len": 128,
+        "eval": {"wikitext": 3}, "curve_eval": {"wikitext": 2}, "oneshot_ks": [2, 4, 6], "seed": 0}
+
+
+def _settings(argv: list[str]) -> dict:
+    old = sys.argv
+    sys.argv = ["quality.py", *argv]
+    try:
+        return quality.settings(quality.parse_args())
+    finally:
+        sys.argv = old
+
+
+@pytest.mark.parametrize("argv, name", [([], "quality"), (["--quick"], "quality-quick")])
+def test_saved_results_still_resume(argv, name):
+    """The settings of an unchanged run are those the stored file was made with, so its units are skipped."""
+    from iterabre.files import read_json
+
+    path = common.REPO / "bench" / "results" / f"{name}.json"
+    if not path.exists():
+        pytest.skip(f"no {path}")
+    assert read_json(path)["settings"] == _settings(argv)
+
+
+def _plan(cfg) -> dict:
+    return planning.budget_plan(cfg, len(planning.num_steps_for(cfg, 30)))
+
+
+def test_each_method_is_a_valid_job_with_its_recovery(monkeypatch, tmp_path):
+    monkeypatch.setattr(quality, "base_layers", lambda model: 30)
+    for uid, method in quality.plan_units(list(quality.METHODS)):
+        if uid == "base":
+            continue
+        scorer, schedule, recovery, _ = quality.unit_spec(uid, method)
+        cfg = quality.job_config(FULL, scorer, schedule, recovery, 6, tmp_path)
+        validate(cfg)
+        assert (cfg.target_layers, cfg.scorer, cfg.schedule, cfg.eval_tasks) == (24, scorer, schedule, "")
+        plan = _plan(cfg)
+        if recovery == "none":
+            assert cfg.recovery.method == "none" and sum(plan["steps"]) + plan["final"] == 0
+        else:
+            assert cfg.recovery.method == "kd" and sum(plan["steps"]) + plan["final"] == 24576
+    iterabre = quality.job_config(FULL, "output", "iterative", "each-step", 6, tmp_path)
+    assert _plan(iterabre)["steps"] == [4096] * 6 and _plan(iterabre)["final"] == 0
+
+
+@pytest.mark.parametrize("budget, batch, seq_len", [(24576, None, 128), (1024, None, 64), (2_500_000, 32, 128),
+                                                    (512, None, 64)])
+def test_kd_at_end_spends_the_whole_budget_after_the_last_removal(monkeypatch, tmp_path, budget, batch, seq_len):
+    monkeypatch.setattr(quality, "base_layers", lambda model: 30)
+    s = {**FULL, "budget": budget, "seq_len": seq_len, **({"kd_batch_size": batch} if batch else {})}
+    iterative = quality.job_config(s, "perplexity", "iterative", "at-end", 6, tmp_path)
+    plan = _plan(iterative)
+    assert plan["steps"] == [0] * 6 and plan["final"] == plan["usable"] > 0  # nothing trains between removals
+    one_shot = quality.job_config(s, "angular", "one-shot", "at-end", 6, tmp_path)
+    assert _plan(one_shot)["steps"] == [plan["usable"]] and _plan(one_shot)["final"] == 0
+
+
+def _fake_report(cfg, out: Path) -> dict:
+    """What the flow reports for `cfg`: removes blocks 10, 11, ... one step at a time (one-shot: one step)."""
+    k = 30 - cfg.target_layers
+    groups = [[10 + i] for i in range(k)] if cfg.schedule == "iterative" else [list(range(10, 10 + k))]
+    trains = cfg.recovery.method != "none"
+    at_end = cfg.budget_schedule == "final" and len(groups) > 1
+    steps = [{"removed": g, "checkpoint": str(out / f"step-{i}"),
+              "recovery": {"tokens": cfg.recovery_tokens // len(groups) if trains and not at_end else 0,
+                           "loss_before": 2.0, "loss_after": 1.0, "extra": "dropped"}}
+             for i, g in enumerate(groups, 1)]
+    final = {"removed": [], "recovery": {"tokens": cfg.recovery_tokens, "loss_after": 0.5}} if at_end else None
+    return {"steps": steps, "final_recovery": final, "removed_layers": [i for g in groups for i in g],
+            "final_dir": str(out / "final")}
+
+
+@pytest.fixture
+def fake_flow(monkeypatch):
+    """run_flow and the evaluation replaced: records each job's config and each evaluated model."""
+    jobs, evaluated = [], []
+
+    def run_flow(cfg, **options):
+        jobs.append(cfg)
+        return _fake_report(cfg, Path(cfg.output))
+
+    def evaluate_saved(model, limits, s):
+        evaluated.append((Path(model).name, dict(limits)))
+        return {"wikitext": {"word_perplexity": 30.0}, "blimp": {"acc": 0.7, "acc_stderr": 0.01}}
+
+    monkeypatch.setattr(common, "run_flow", run_flow)
+    monkeypatch.setattr(quality, "evaluate_saved", evaluate_saved)
+    monkeypatch.setattr(quality, "base_layers", lambda model: 30)
+    return jobs, evaluated
+
+
+def test_iterative_unit_evaluates_every_step_checkpoint(fake_flow, tmp_path):
+    jobs, evaluated = fake_flow
+    unit = quality.run_unit("iterabre", "iterabre", FULL, tmp_path)
+    assert len(jobs) == 1 and jobs[0].budget_schedule == "equal" and jobs[0].recovery_tokens == 24576
+    assert [p["blocks_removed"] for p in unit["curve"]] == [1, 2, 3, 4, 5, 6]
+    assert unit["curve"][2]["removed"] == [10, 11, 12] and unit["removed"] == list(range(10, 16))
+    assert evaluated == [(f"step-{i}", FULL["curve_eval"]) for i in range(1, 7)] + [("final", FULL["eval"])]
+    assert len(unit["recovery"]) == 6 and unit["recovery_tokens"] == 24576
+    assert set(unit["recovery"][0]) == set(quality.RECOVERY_KEYS)
+    assert unit["label"].startswith("IteRABRe") and unit["wikitext_word_ppl"] == 30.0 and unit["seconds"] >= 0
+
+
+def test_one_shot_unit_runs_one_job_per_curve_point(fake_flow, tmp_path):
+    jobs, evaluated = fake_flow
+    unit = quality.run_unit("angular", "angular", FULL, tmp_path)
+    assert [30 - c.target_layers for c in jobs] == [2, 4, 6] and {c.recovery.method for c in jobs} == {"none"}
+    assert [p["blocks_removed"] for p in unit["curve"]] == [2, 4, 6]
+    assert unit["recovery"] == [] and unit["recovery_tokens"] == 0 and unit["removed"] == list(range(10, 16))
+
+
+def test_kd_row_is_one_job_with_one_healed_point(fake_flow, tmp_path):
+    jobs, evaluated = fake_flow
+    unit = quality.run_unit("perplexity+kd", "perplexity", FULL, tmp_path)
+    assert len(jobs) == 1 and (jobs[0].schedule, jobs[0].budget_schedule) == ("iterative", "final")
+    assert [p["blocks_removed"] for p in unit["curve"]] == [6] and evaluated[0][0] == "final"
+    assert unit["recovery_tokens"] == 24576 and len(unit["recovery"]) == 1  # the 0-token steps are left out
+    assert unit["label"] == "SLEB-style perplexity, iterative + KD"
+
+
+def test_run_all_saves_after_each_unit_and_resumes(fake_flow, tmp_path, monkeypatch):
+    jobs, _ = fake_flow
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(common, "machine_info", lambda: {})
+    monkeypatch.setattr(common, "fresh_stores", lambda: (tmp_path / "work").mkdir(exist_ok=True) or tmp_path / "work")
+    plan = quality.plan_units(["output"])
+    units = quality.run_all("q", FULL, {}, plan)
+    assert list(units) == ["base", "output"] and common.previous("q", FULL)["units"] == units
+    assert len(jobs) == 1
+    again = quality.run_all("q", FULL, common.previous("q", FULL)["units"], plan)
+    assert again == units and len(jobs) == 1  # nothing ran twice
+
+
+# ---------------------------------------------------------------- through the real flow (tiny model)
+
+def test_units_through_the_flow_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
+    """The configs run in the real flow: +KD prunes exactly like its baseline and trains only at the end."""
+    evaluated = []
+    def evaluate_saved(model, limits, s):
+        assert (Path(model) / "config.json").exists()
+        evaluated.append(Path(model))
+        return {}
+
+    monkeypatch.setattr(quality, "evaluate_saved", evaluate_saved)
+    s = {**FULL, "model": str(tiny_model_dir), "blocks": 2, "budget": 512, "calib_tokens": 128, "seq_len": 64,
+         "oneshot_ks": [1, 2]}
+    plain = quality.run_unit("perplexity", "perplexity", s, tmp_path)
+    healed = quality.run_unit("perplexity+kd", "perplexity", s, tmp_path)
+    assert healed["removed"] == plain["removed"] and len(plain["removed"]) == 2
+    assert plain["recovery_tokens"] == 0 and [p["blocks_removed"] for p in plain["curve"]] == [1, 2]
+    assert healed["recovery_tokens"] == 512 and len(healed["recovery"]) == 1
+    assert len(evaluated) == 2 + 1 + 1 + 1  # every model existed when it was evaluated
+    assert not list(tmp_path.glob("perplexity*"))  # job folders are removed after their unit
