@@ -114,7 +114,7 @@ def test_already_pruned_base_keeps_original_numbering(tmp_path):
 def test_report_states_teacher_budget_final_phase_and_disjoint_token_ranges(report, tmp_path):
     from iterabre.config import CompressConfig
     from iterabre.evaluation.report import render_markdown
-    from iterabre.steps import global_windows, split_layout
+    from iterabre.planning import global_windows, split_layout
 
     split = split_layout(CompressConfig(seq_len=128, seed=3), n_calib=2, n_recovery=64, available=500)
     steps = [{**s, "teacher": "base", "budget": 4096, "recovery_windows": [global_windows(split, (32 * i, 32 * i + 32))]}
