@@ -44,8 +44,8 @@ def test_blocks_removed_per_step(kw, expected):
 def test_step_budgets_split_the_total_exactly():
     assert planning.step_budgets(1000, 4) == [250, 250, 250, 250]
     assert planning.step_budgets(1001, 3) == [333, 334, 334]  # largest remainder, ties to later steps
-    linear = planning.step_budgets(1000, 4, "linear")
-    assert sum(linear) == 1000 and linear == sorted(linear) and linear[0] < linear[-1]
+    increasing = planning.step_budgets(1000, 4, "increasing")
+    assert sum(increasing) == 1000 and increasing == sorted(increasing) and increasing[0] < increasing[-1]
     assert planning.step_budgets(100, 0) == []
 
 
