@@ -60,7 +60,16 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-.PHONY: serve
+.PHONY: serve serve-stop clean
 # Local Prefect server + process worker with the deployments of prefect.yaml (docs/PIPELINE.md).
+# The Prefect profile is left untouched: the URL reaches only the processes serve.sh starts.
 serve: setup
 	scripts/serve.sh
+
+serve-stop:
+	scripts/serve-stop.sh
+
+# What runs leave behind. Kept: .venv/ (set-up), models/ (the pulled model), data/ (DVC).
+clean: serve-stop
+	rm -rf outputs/ mlruns/ mlflow.db .prefect/
+	@echo "removed outputs/, mlruns/, mlflow.db, .prefect/; kept .venv/, models/ and data/ (rm -rf them for a full reset)"
