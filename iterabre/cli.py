@@ -28,6 +28,20 @@ app = typer.Typer(name="iterabre", help="Make LLMs smaller by removing decoder b
 models_app = typer.Typer(help="Embedded models: pull, list.", no_args_is_help=True)
 data_app = typer.Typer(help="The DVC-tracked data folder: import, version.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"iterabre {version('iterabre')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Make LLMs smaller by removing decoder blocks and healing them (IteRABRe)."""
+
 app.add_typer(data_app, name="data")
 
 # Phoning home fails (and logs errors) on offline machines; users may still turn these on.
@@ -119,31 +133,47 @@ def _parse_limit(value: Optional[str]) -> Optional[float | int]:
 # and the job has its own --seed. recovery.tokens is no option: the loop sets it per phase.
 _RECOVERY_PARAMS = {"method": "recovery", "seed": "recovery_seed", "tokens": None}
 _PARSERS = {"eval_limit": _parse_limit}  # options typed as text on the command line, parsed here
-_GROUPS = {"job": (CompressConfig, "Job"), "recovery": (RecoveryConfig, "Recovery (every step)"),
-           "flow": (FlowOptions, "Flow")}
+_GROUPS = {"job": CompressConfig, "recovery": RecoveryConfig, "flow": FlowOptions}
+# Help panels of `compress --help`: where each job field is shown (a presentation choice, kept here).
+_PANELS = {"Target": ("model", "revision", "target_layers", "target_ratio", "output"),
+           "Scoring": ("scorer", "schedule", "blocks_per_step", "calibration", "calibration_tokens", "seq_len"),
+           "Recovery budget": ("teacher", "recovery_tokens", "budget_schedule", "final_share", "adaptive_eval_tokens",
+                               "adaptive_tol"),
+           "Evaluation": ("eval_tasks", "eval_limit"),
+           "Safety": ("allow_remote_code", "allow_pickle")}
+_PANEL_OF = {name: panel for panel, names in _PANELS.items() for name in names}
+_GROUP_PANEL = {"recovery": "Recovery (every phase)", "flow": "Registry and flow"}
 
 
-def _param_name(group: str, name: str) -> str | None:
+def _panel(group: str, name: str) -> str:
+    return _GROUP_PANEL.get(group) or _PANEL_OF.get(name, "Job")
+
+
+def _inverted(f: dataclasses.Field) -> bool:
+    """A switch that is on by default is offered as its --no- form only (one name: readable at 80 columns)."""
+    return f.default is True
+
+
+def _param_name(group: str, f: dataclasses.Field) -> str | None:
     """The compress parameter of a field (None: not an option; the nested recovery has its own)."""
-    if group == "recovery":
-        return _RECOVERY_PARAMS.get(name, name)
-    return None if name == "recovery" else name
+    name = _RECOVERY_PARAMS.get(f.name, f.name) if group == "recovery" else (None if f.name == "recovery" else f.name)
+    return f"no_{name}" if name and _inverted(f) else name
 
 
 def _knobs() -> list[tuple[str, str, dataclasses.Field]]:
     """(parameter name, group, field) of every compress option: job fields, recovery fields, flow options."""
-    knobs = [(_param_name(group, f.name), group, f) for group, (cls, _) in _GROUPS.items()
-             for f in dataclasses.fields(cls)]
+    knobs = [(_param_name(group, f), group, f) for group, cls in _GROUPS.items() for f in dataclasses.fields(cls)]
     return [knob for knob in knobs if knob[0]]
 
 
 def _parameter(name: str, group: str, f: dataclasses.Field) -> inspect.Parameter:
     """The Typer option of one field: its default and help come from the dataclass."""
-    cls, panel = _GROUPS[group]
-    hint, default = typing.get_type_hints(cls)[f.name], f.default
+    hint, default = typing.get_type_hints(_GROUPS[group])[f.name], f.default
     if name in _PARSERS:
         hint, default = Optional[str], str(default)
-    option = typer.Option(default, help=f.metadata["help"], rich_help_panel=panel)
+    flag = [f"--{name.replace('_', '-')}"] if hint is bool else []  # a switch without a --no- twin
+    default = False if _inverted(f) else default
+    option = typer.Option(default, *flag, help=f.metadata["help"], rich_help_panel=_panel(group, f.name))
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hint)
 
 
@@ -161,7 +191,8 @@ def build_config(values: dict) -> tuple[CompressConfig, dict]:
         raise IterabreError("both --target-layers and --target-ratio were given.", "pass only one of them")
     groups = {group: {} for group in _GROUPS}
     for name, group, f in _knobs():
-        groups[group][f.name] = _PARSERS[name](values[name]) if name in _PARSERS else values[name]
+        value = _PARSERS[name](values[name]) if name in _PARSERS else values[name]
+        groups[group][f.name] = not value if _inverted(f) else value
     return CompressConfig(**groups["job"], recovery=RecoveryConfig(**groups["recovery"])), groups["flow"]
 
 

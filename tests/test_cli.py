@@ -1,5 +1,6 @@
 """The CLI: fast --help, config building, and exit codes for user errors and Ctrl-C."""
 
+import os
 import subprocess
 import sys
 import types
@@ -74,7 +75,7 @@ def test_every_recovery_field_and_flow_option_is_an_option(monkeypatch):
 def test_compress_help_reads_the_config_help():
     result = runner.invoke(app, ["compress", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for text in ("Blocks to keep at the end", "--recovery-tokens", "--keep-pruned", "--log-checkpoints"):
+    for text in ("Blocks to keep at the end", "--recovery-tokens", "--keep-pruned", "--no-log-checkpoints"):
         assert text in result.output
 
 
@@ -136,3 +137,31 @@ def test_installed_entry_point_error_exit_code():
     exe = Path(sys.executable).with_name("iterabre")  # the console script of this venv
     out = subprocess.run([str(exe), "models", "pull", "nope"], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.startswith("error: unknown embedded model")
+
+
+def test_help_fits_80_columns_without_cut_lines():
+    env = {**os.environ, "COLUMNS": "80", "TERMINAL_WIDTH": "80"}
+    for args in (["--help"], ["compress", "--help"], ["evaluate", "--help"], ["data", "import", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "iterabre.cli", *args], env=env, capture_output=True,
+                             text=True, check=True).stdout
+        assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80, args
+    help_text = subprocess.run([sys.executable, "-m", "iterabre.cli", "compress", "--help"], env=env,
+                               capture_output=True, text=True, check=True).stdout
+    for panel in ("Target", "Scoring", "Recovery budget", "Recovery (every phase)", "Evaluation",
+                  "Registry and flow", "Safety"):
+        assert panel in help_text
+
+
+def test_switches_on_by_default_are_offered_as_no_flags(monkeypatch):
+    seen, options = [], {}
+    _fake_flow(monkeypatch, seen.append, options)
+    result = runner.invoke(app, ["compress", "--target-layers", "27", "--no-log-checkpoints", "--no-bf16"])
+    assert result.exit_code == 0, result.output
+    assert options["log_checkpoints"] is False and seen[0].recovery.bf16 is False
+    assert runner.invoke(app, ["compress", "--target-layers", "27"]).exit_code == 0
+    assert options["log_checkpoints"] is True and seen[1].recovery.bf16 is True
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("iterabre ")

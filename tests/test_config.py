@@ -51,6 +51,8 @@ def test_every_field_is_a_cli_option_with_the_same_default():
     expected["eval_limit"] = str(expected["eval_limit"])  # typed as text: 'none', a fraction or a count
     recovery = _defaults(RecoveryConfig, skip={"tokens"})  # tokens: set per phase from --recovery-tokens
     expected.update({cli._RECOVERY_PARAMS.get(name, name): value for name, value in recovery.items()})
+    # a switch that is on by default is offered as --no-<name> (off by default, inverted when read)
+    expected = {(f"no_{k}" if v is True else k): (False if v is True else v) for k, v in expected.items()}
     assert options == expected
 
 
