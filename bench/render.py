@@ -136,8 +136,60 @@ RENDER = {"scoring": scoring, "recovery": recovery, "pruned_speed": pruned_speed
           "base_eval": base_eval}
 
 
+def _mean(units: list[dict], key: str) -> float:
+    return sum(u[key] for u in units) / len(units)
+
+
+def _study_rows(b: dict) -> list[list]:
+    """Glance rows of the budget study: best recipe vs the iterative default per experiment."""
+    s, rows = b["settings"], []
+    base = b["units"]["base"]
+    for exp, blocks, tokens in (("main", s["blocks"], s["budget"]), ("deep", s["deep_blocks"], s["budget"]),
+                                ("large", s["blocks"], s["budget"] * s["large_factor"])):
+        by_method: dict[str, list[dict]] = {}
+        for u in b["units"].values():
+            if u.get("exp") == exp:
+                by_method.setdefault(u["method"], []).append(u)
+        if not by_method:
+            continue
+        best = min(by_method, key=lambda m: _mean(by_method[m], "wikitext_word_ppl"))
+        default = by_method.get("iter-increasing", [])
+        rows.append([f"{blocks} of 30", tokens, len(by_method[best]),
+                     f"{base['wikitext_word_ppl']:.1f} / {base['blimp_acc']:.3f}", best,
+                     f"{_mean(by_method[best], 'wikitext_word_ppl'):.1f} / {_mean(by_method[best], 'blimp_acc'):.3f}",
+                     f"{_mean(default, 'wikitext_word_ppl'):.1f} / {_mean(default, 'blimp_acc'):.3f}" if default else "",
+                     f"BENCHMARKS §7 ({exp})"])
+    return rows
+
+
+def _quality_row(q: dict) -> list:
+    """Glance row of the quality bench: its best recipe vs IteRABRe as the paper runs it."""
+    units = {k: u for k, u in q["units"].items() if k != "base"}
+    best = min(units, key=lambda k: units[k]["wikitext_word_ppl"])
+    base, ours = q["units"]["base"], units.get("iterabre")
+    return [f"{len(units[best]['removed'])} of 30", q["settings"].get("recovery_tokens", units[best].get("recovery_tokens")),
+            1, f"{base['wikitext_word_ppl']:.1f} / {base['blimp_acc']:.3f}", best,
+            f"{units[best]['wikitext_word_ppl']:.1f} / {units[best]['blimp_acc']:.3f}",
+            f"{ours['wikitext_word_ppl']:.1f} / {ours['blimp_acc']:.3f}" if ours else "", "BENCHMARKS §5"]
+
+
+def glance(quality: dict, study: dict) -> str:
+    """README's results at a glance: SmolLM2-135M, what each budget keeps, from the result files."""
+    columns = ["blocks removed", "KD tokens", "seeds", "base ppl / BLiMP", "best measured recipe",
+               "its ppl / BLiMP", "iterative output + KD", "source"]
+    return md(columns, _study_rows(study) + [_quality_row(quality)])
+
+
+def glance_from_files() -> str:
+    """`glance` of bench/results/quality.json and budget_study.json."""
+    return glance(*(json.loads(common.result_path(n).read_text()) for n in ("quality", "budget_study")))
+
+
 def main() -> None:
     """Render the named result files (default: all that exist)."""
+    if sys.argv[1:] == ["glance"]:
+        print(glance_from_files())
+        return
     for name in sys.argv[1:] or list(RENDER):
         path = common.result_path(name)
         if not path.exists():
