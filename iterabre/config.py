@@ -93,7 +93,8 @@ class CompressConfig:
     output: str = knob("outputs/run", "Folder for final/, step checkpoints and report.json.")
     eval_tasks: str = knob("wikitext,blimp,xcopa", "Comma-separated lm-eval tasks run on base and final model "
                                                    "('' = none).")
-    eval_limit: float | None = knob(0.02, "Per-task limit: fraction (<1), count or none (full, ~2 min on CPU).")
+    eval_limit: float | None = knob(0.02, "Per-task limit: fraction (<1), count or none (the full suite: "
+                                          "~3 core-hours for SmolLM2 on CPU, docs/EVALUATION.md).")
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig, metadata={"help": "Recovery per step."})
 
     def to_dict(self) -> dict:
