@@ -22,6 +22,7 @@ import os
 import time
 
 import common
+from iterabre.files import pid_alive
 
 GROUPS = ("blimp", "xcopa")
 SLICES = {"blimp": 6, "xcopa": 2}  # ~15-20 min of one core per chunk
@@ -67,22 +68,12 @@ def locked_state(name: str, s: dict):
                                  "summary": summary(state["chunks"], plan_chunks(), s["limit"])})
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def claim_next(name: str, s: dict, chunks: dict[str, list[str]]) -> str | None:
     """Mark the first chunk that is neither done nor claimed by a live process as ours."""
     with locked_state(name, s) as state:
         for chunk in chunks:
             owner = state["claims"].get(chunk)
-            if chunk not in state["chunks"] and (owner is None or not _alive(owner)):
+            if chunk not in state["chunks"] and (owner is None or not pid_alive(owner)):
                 state["claims"][chunk] = os.getpid()
                 return chunk
     return None

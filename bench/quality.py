@@ -26,6 +26,7 @@ finish; a rerun with the same settings skips finished units (use --fresh to redo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import shutil
 import time
@@ -65,6 +66,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kd-batch-size", type=int, default=None, help="KD micro-batch (default: RecoveryConfig's)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list of: " + ", ".join(METHODS))
     p.add_argument("--fresh", action="store_true", help="ignore finished units in the result file")
+    p.add_argument("--equal-compute", action="store_true",
+                   help="equal-compute table instead: every recipe gets the same total FLOPs (scoring + recovery); "
+                        "default 4 blocks, result file quality-equal")
+    p.add_argument("--equal-flops", type=float, default=None,
+                   help="the FLOP budget per recipe, in TFLOP (default: one-shot output scoring + --equal-kd-tokens "
+                        "tokens of KD)")
+    p.add_argument("--equal-kd-tokens", type=int, default=8192, help="KD tokens that define the default budget")
+    p.add_argument("--equal-recipes", default=EQUAL_DEFAULT, help="comma list of: " + ", ".join(EQUAL_RECIPES))
     common.add_result_args(p, "quality")
     return p.parse_args()
 
@@ -320,10 +329,274 @@ def run_all(name: str, s: dict, units: dict, plan: list[tuple[str, str]]) -> dic
     return common.run_units(order, units, lambda uid, _, work: run_unit(uid, methods[uid], s, work), save)
 
 
+# ---------------------------------------------------------------- equal compute (--equal-compute)
+#
+# Every recipe gets the same total FLOPs F: its scoring passes plus its recovery work, counted
+# as iterabre.flops counts them (matmuls and attention, from the shapes). F defaults to what
+# one-shot output scoring plus `--equal-kd-tokens` tokens of KD cost. Each recipe's knob is
+# solved from the per-token formulas so that it spends F; after the job the recovery FLOPs
+# the flow recorded (RecoveryResult.flops) replace the prediction in the table. Left out of F
+# for every recipe alike: the held-out KD loss `recover` measures before and after each phase
+# for the report (it decides nothing), and reconstruct's Gram sums and solve (not matmul
+# modules; ~3 % of its cost on SmolLM2). Scoring FLOPs are the hand count the tests check
+# (calibration tokens x (L + L(L-1)/2) block forwards per scoring pass of the output scorer).
+
+EQUAL_RECIPES = {  # name -> (scorer, schedule, recovery method)
+    "oneshot-kd": ("output", "one-shot", "kd"),
+    "oneshot-reconstruct": ("output", "one-shot", "reconstruct"),
+    "oneshot-block-recon": ("output", "one-shot", "block-recon"),
+    "oneshot-block-recon+kd": ("output", "one-shot", "block-recon+kd"),
+    "iterabre": ("output", "iterative", "kd"),
+}
+EQUAL_DEFAULT = "oneshot-kd,oneshot-reconstruct,oneshot-block-recon,oneshot-block-recon+kd"
+REPORT_CHECKS = {"block-recon+kd": 4, "reconstruct+kd": 4}  # held-out KD losses per phase (2 for the others)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """Per-token forward FLOPs of one decoder block and of the LM head of the base model."""
+
+    blk: int
+    head: int
+    layers: int
+    seq_len: int
+
+    def model(self, blocks: int) -> int:
+        """A whole forward of a model with `blocks` blocks, per token."""
+        return blocks * self.blk + self.head
+
+
+@functools.lru_cache(maxsize=None)
+def shapes(model: str, seq_len: int) -> Shapes:
+    """Shapes of the base model, counted on an empty (meta) copy built from its config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from iterabre.embedded import EMBEDDED, pull_embedded_model
+    from iterabre.flops import block_flops_per_token, matmul_params
+    from iterabre.surgery import decoder_blocks
+
+    config = AutoConfig.from_pretrained(str(pull_embedded_model(model) if model in EMBEDDED else model))
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(config)
+    blocks = decoder_blocks(net)
+    head = 2 * (matmul_params(net) - len(blocks) * matmul_params(blocks[0]))  # all blocks alike (SmolLM2)
+    return Shapes(block_flops_per_token(blocks[0], config, seq_len), head, len(blocks), seq_len)
+
+
+def equal_settings(args) -> dict:
+    """Everything that changes the equal-compute numbers (the result file resumes only when they match)."""
+    pick = functools.partial(common.pick, quick=args.quick)
+    s = {"model": args.model, "blocks": pick(args.blocks, 4, 2), "calib_tokens": pick(args.calib_tokens, 1024, 128),
+         "seq_len": pick(args.seq_len, 128, 64), "kd_batch_size": args.kd_batch_size or 4,
+         "eval": common.parse_limits(pick(args.eval, "wikitext=3,blimp=10,xcopa=20", "wikitext=1,blimp=1,xcopa=1")),
+         "seed": 0, "equal_kd_tokens": pick(None, args.equal_kd_tokens, 1024)}
+    s["flops"] = args.equal_flops * 1e12 if args.equal_flops else reference_flops(s)
+    return s
+
+
+def scoring_flops(sh: Shapes, s: dict, schedule: str) -> int:
+    """Output scorer: per calibration token L + L(L-1)/2 block forwards per scoring pass (one, or one per step)."""
+    calib = -(-s["calib_tokens"] // s["seq_len"]) * s["seq_len"]  # whole windows
+    depths = [sh.layers] if schedule == "one-shot" else [sh.layers - i for i in range(s["blocks"])]
+    return sum(calib * (L + L * (L - 1) // 2) * sh.blk for L in depths)
+
+
+def kd_per_token(sh: Shapes, student_layers: int) -> int:
+    """Teacher forward + student forward and backward (all weights train)."""
+    return sh.model(sh.layers) + 3 * sh.model(student_layers)
+
+
+def report_checks(sh: Shapes, s: dict, student_layers: int, method: str) -> int:
+    """The held-out KD losses `recover` measures for the report in one phase (left out of the budget)."""
+    held = -(-s["calib_tokens"] // s["seq_len"]) * s["seq_len"]  # the flow's held-out set is as big as calib
+    return REPORT_CHECKS.get(method, 2) * held * (sh.model(student_layers) + sh.model(sh.layers))
+
+
+def _units(sh: Shapes, removed: list[int], which: str = "before"):
+    """The block-recon units (= reconstruct's fits for which='before') of a one-shot removal."""
+    from iterabre.blockrecon import units_for
+
+    kept = [i for i in range(sh.layers) if i not in removed]
+    return units_for(kept, list(range(sh.layers)), removed, which)
+
+
+def block_recon_flops(sh: Shapes, s: dict, removed: list[int], tokens: int, steps: int) -> int:
+    """Capture `tokens` pairs per unit, `steps` Adam steps per unit, held-out gap error before and after."""
+    held = -(-s["calib_tokens"] // s["seq_len"]) * s["seq_len"]
+    tokens = -(-tokens // sh.seq_len) * sh.seq_len  # block-recon takes whole windows
+    batch = _rc_default("block_recon_batch_size") * sh.seq_len
+    total = 0
+    for u in _units(sh, removed):
+        capture = (u.positions[0] + u.target + 1) * sh.blk  # student blocks before the unit, teacher to the target
+        unit = len(u.positions) * sh.blk
+        total += tokens * capture + 2 * held * (capture + unit) + steps * batch * 3 * unit
+    return total
+
+
+def reconstruct_flops(sh: Shapes, removed: list[int], tokens: int) -> int:
+    """One capture pass per fitted gap (down_proj only): student and teacher up to and including the blocks."""
+    return sum(tokens * (u.positions[0] + 1 + u.target + 1) * sh.blk for u in _units(sh, removed))
+
+
+def _rc_default(name: str):
+    """A RecoveryConfig default (the recipes use the library's defaults for every other knob)."""
+    from iterabre.config import RecoveryConfig
+
+    return getattr(RecoveryConfig(), name)
+
+
+def reference_flops(s: dict) -> int:
+    """The default budget: one-shot output scoring + equal_kd_tokens tokens of KD of the pruned model."""
+    sh = shapes(s["model"], s["seq_len"])
+    return scoring_flops(sh, s, "one-shot") + s["equal_kd_tokens"] * kd_per_token(sh, sh.layers - s["blocks"])
+
+
+def _whole(tokens: float, unit: int) -> int:
+    """Tokens rounded down to whole units (micro-batches or windows), never negative."""
+    return max(0, int(tokens // unit) * unit)
+
+
+def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
+    """The recipe's knobs that spend the budget, and the FLOPs it is predicted to spend.
+
+    -> {"fields": CompressConfig fields, "recovery": RecoveryConfig overrides, "scoring", "recovery_flops",
+    "feasible"}; `removed` (the one-shot removal, same for every one-shot recipe) sizes reconstruct and block-recon.
+    """
+    sh = shapes(s["model"], s["seq_len"])
+    scorer, schedule, method = EQUAL_RECIPES[name]
+    scoring, Ls = scoring_flops(sh, s, schedule), sh.layers - s["blocks"]
+    left, mb = s["flops"] - scoring, s["kd_batch_size"] * s["seq_len"]
+    rec, tokens, spent = {"method": method, "batch_size": s["kd_batch_size"]}, 0, 0
+    if method == "kd" and schedule == "iterative":  # increasing budget: step i of S gets i / (S(S+1)/2)
+        S = s["blocks"]
+        per = sum(i * kd_per_token(sh, sh.layers - i) for i in range(1, S + 1)) / (S * (S + 1) / 2)
+        tokens = _whole(left / per, mb)
+        spent = tokens * per
+    elif method == "kd":
+        tokens = _whole(left / kd_per_token(sh, Ls), mb)
+        spent = tokens * kd_per_token(sh, Ls)
+    elif method == "reconstruct":
+        tokens = _whole(left / (reconstruct_flops(sh, removed, 1)), mb)
+        spent = reconstruct_flops(sh, removed, tokens)
+    elif method == "block-recon":
+        tokens = _whole(_rc_default("block_recon_tokens"), mb)
+        fixed = block_recon_flops(sh, s, removed, tokens, 0)
+        per_step = block_recon_flops(sh, s, removed, tokens, 1) - fixed
+        rec["block_recon_steps"] = max(0, int((left - fixed) // per_step))
+        spent = block_recon_flops(sh, s, removed, tokens, rec["block_recon_steps"])
+    elif method == "block-recon+kd":  # half the recovery FLOPs each; block-recon captures from the KD windows
+        tokens = _whole(left / 2 / kd_per_token(sh, Ls), mb)
+        rec["block_recon_tokens"] = min(_rc_default("block_recon_tokens"), tokens)
+        fixed = block_recon_flops(sh, s, removed, rec["block_recon_tokens"], 0)
+        per_step = block_recon_flops(sh, s, removed, rec["block_recon_tokens"], 1) - fixed
+        rec["block_recon_steps"] = max(0, int((left - tokens * kd_per_token(sh, Ls) - fixed) // per_step))
+        spent = block_recon_flops(sh, s, removed, rec["block_recon_tokens"], rec["block_recon_steps"])
+        spent += tokens * kd_per_token(sh, Ls)
+    fields = {"scorer": scorer, "schedule": schedule, "recovery_tokens": tokens, "budget_schedule": "increasing"}
+    return {"fields": fields, "recovery": rec, "scoring": scoring, "recovery_flops": int(spent),
+            "feasible": tokens >= mb}
+
+
+def measured_recovery_flops(report: dict, s: dict) -> int:
+    """The recovery FLOPs the flow recorded, less the report-only held-out KD checks (as planned)."""
+    sh = shapes(s["model"], s["seq_len"])
+    total = 0
+    for phase in common.recovery_phases(report):
+        r = phase["recovery"]
+        total += r.get("flops", 0) - report_checks(sh, s, phase["num_layers"], r["method"])
+    return total
+
+
+def equal_unit(name: str, s: dict, work: Path, removed: list[int] | None) -> dict:
+    """One recipe through the flow at the budget, evaluated as the quality table is."""
+    from iterabre.config import CompressConfig, RecoveryConfig
+
+    start, plan = time.perf_counter(), equal_plan(name, s, removed)
+    if not plan["feasible"]:
+        return {"label": name, "feasible": False, "plan": plan, "seconds": 0.0, "removed": []}
+    out = work / name
+    cfg = CompressConfig(model=s["model"], target_layers=base_layers(s["model"]) - s["blocks"],
+                         calibration_tokens=s["calib_tokens"], seq_len=s["seq_len"], seed=s["seed"],
+                         eval_tasks="", output=str(out), recovery=RecoveryConfig(**plan["recovery"]),
+                         **plan["fields"])
+    report = common.run_flow(cfg)
+    ev = evaluate_saved(report["final_dir"], s["eval"], s)
+    shutil.rmtree(out, ignore_errors=True)
+    phases = [{key: p["recovery"].get(key) for key in (*RECOVERY_KEYS, "flops")} for p in common.recovery_phases(report)]
+    rec_flops = measured_recovery_flops(report, s)
+    return {"label": name, "feasible": True, "plan": plan, "removed": report["removed_layers"],
+            "recovery": phases, "kd_tokens": plan["fields"]["recovery_tokens"] if "kd" in plan["recovery"]["method"]
+            else 0, "scoring_flops": plan["scoring"], "recovery_flops": rec_flops,
+            "total_flops": plan["scoring"] + rec_flops, "eval": ev, **headline(ev),
+            "seconds": time.perf_counter() - start}
+
+
+def _oneshot_removal(s: dict, units: dict, work: Path) -> list[int]:
+    """The one-shot output removal: from a finished one-shot unit, else by scoring once as the flow does."""
+    done = [u["removed"] for k, u in units.items() if EQUAL_RECIPES.get(k, ("", ""))[1] == "one-shot"
+            and u.get("removed")]
+    if done:
+        return done[0]
+    from iterabre import planning, steps
+    from iterabre.config import CompressConfig
+    from iterabre.embedded import EMBEDDED, pull_embedded_model
+
+    model = str(pull_embedded_model(s["model"]) if s["model"] in EMBEDDED else s["model"])
+    cfg = CompressConfig(model=s["model"], calibration_tokens=s["calib_tokens"], seq_len=s["seq_len"], seed=s["seed"])
+    data = steps.prepare_data(cfg, model, work / "prescore", [])
+    scored = steps.score(model, data, "output", 1, "cpu")
+    return planning.plan_removal(scored["scores"], s["blocks"], "output", scored["order"])
+
+
+def equal_rows(units: dict, s: dict) -> list[list]:
+    """One row per recipe: FLOPs (scoring, recovery, total / budget), what it trained, quality, time."""
+    rows = []
+    for uid, u in units.items():
+        if not u.get("feasible", True):
+            rows.append([uid, "", "", "", "cannot afford any recovery at this budget", "", "", "", "", "", ""])
+            continue
+        rec = u["plan"]["recovery"]
+        rows.append([uid, u["scoring_flops"] / 1e12, u["recovery_flops"] / 1e12, u["total_flops"] / s["flops"],
+                     u.get("kd_tokens", 0), rec.get("block_recon_steps", ""), u["wikitext_word_ppl"],
+                     _pm(u["blimp_acc"], u["blimp_stderr"]), _pm(u["xcopa_acc"], u["xcopa_stderr"]),
+                     ",".join(map(str, u["removed"])), u["seconds"] / 60])
+    return rows
+
+
+def run_equal(args) -> None:
+    """The equal-compute table: run each recipe not yet finished, saving after each; print the table."""
+    s = equal_settings(args)
+    name = args.name or ("quality-equal-quick" if args.quick else "quality-equal")
+    recipes = [r.strip() for r in args.equal_recipes.split(",") if r.strip()]
+    units = {} if args.fresh else common.previous(name, s).get("units", {})
+    notes = ("FLOPs per iterabre.flops; budget = scoring + recovery work, report-only held-out KD checks left "
+             "out; scoring counted by hand (output scorer)")
+    if not args.report_only:
+        def run(uid, done, work):
+            one_shot = EQUAL_RECIPES[uid][1] == "one-shot" and EQUAL_RECIPES[uid][2] != "kd"
+            return equal_unit(uid, s, work, _oneshot_removal(s, done, work) if one_shot else None)
+
+        def save(uid, done):
+            units[uid] = done
+            return common.save_units(name, s, units, recipes, notes)
+
+        units = common.run_units(recipes, units, run, save)
+    common.print_table(f"{s['model']} minus {s['blocks']} blocks, {s['flops'] / 1e12:.2f} TFLOP per recipe "
+                       f"(scoring + recovery), eval limits {s['eval']}",
+                       ["recipe", "scoring TFLOP", "recovery TFLOP", "total / budget", "KD tokens",
+                        "block-recon steps", "wiki word ppl", "BLiMP acc", "XCOPA acc", "removed", "minutes"],
+                       equal_rows(units, s))
+    print(f"wrote {common.result_path(name)}")
+
+
 def main() -> None:
     """Run every unit not yet finished, saving after each; then print the tables and plot."""
     args = parse_args()
     common.apply_threads(args.threads)
+    if args.equal_compute:
+        run_equal(args)
+        return
     s, name = settings(args), common.result_name(args, "quality")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     units = {} if args.fresh else common.previous(name, s).get("units", {})

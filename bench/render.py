@@ -1,6 +1,7 @@
 """Print the latest bench/results/*.json as Markdown tables, for pasting into docs/BENCHMARKS.md.
 
-    .venv/bin/python bench/render.py [scoring recovery pruned_speed overhead quality budget_study base_eval]
+    .venv/bin/python bench/render.py [scoring recovery pruned_speed overhead quality budget_study base_eval
+                                      plans planner]
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import common
 
 
 def md(columns: list[str], rows: list[list]) -> str:
-    """A Markdown table."""
+    """A Markdown table; columns empty in every row are left out (they say nothing)."""
+    keep = [i for i in range(len(columns)) if any(row[i] not in (None, "") for row in rows)] if rows else \
+        list(range(len(columns)))
+    columns, rows = [columns[i] for i in keep], [[row[i] for i in keep] for row in rows]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(common.fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -28,7 +32,39 @@ def machine_line(m: dict) -> str:
 
 
 def scoring(d: dict) -> str:
-    """fast vs naive scorer table."""
+    """Scorer tables: per model and implementation, plus the streamed scorer's memory formula."""
+    if not all("impls" in r for r in d["results"].values()):
+        return _scoring_fast_naive(d)
+    rows, formulas = [], []
+    for model, r in d["results"].items():
+        ref, mem = ("fast" if "fast" in r["impls"] else r["impls"][0]), r.get("memory", {})
+        for impl in r["impls"]:
+            stats = r.get(f"{impl}_over_{ref}", {})
+            same = r.get(f"{impl}_same_ranking")
+            rows.append([model, impl, r["num_blocks"], f"{r['sizes']['windows']}x{r['sizes']['seq_len']}",
+                         r["median_s"][impl], stats.get("paired"), stats.get("best"), r.get(f"{impl}_max_abs_diff"),
+                         None if same is None else ("yes" if same else "NO"),
+                         mem.get(impl, {}).get("peak_mb"), mem.get(impl, {}).get("scoring_mb")])
+        f = r.get("formula_mib")
+        if f:
+            target = f["blocks"] + f["streams"] + f["embedding_head"]
+            formulas.append([model, f["one_block"], f["blocks"], f["streams"], f["embedding_head"], target,
+                             f["activations"], f["per_call"], f["total"],
+                             mem.get("streamed", {}).get("scoring_mb"), f["whole_model"],
+                             mem.get("fast", {}).get("peak_mb")])
+    table = md(["model", "impl", "blocks", "tokens", "median s", "ratio to fast (paired median)",
+                "ratio to fast (min t)", "max abs score diff to fast", "same ranking", "peak RSS MiB",
+                "+MiB scoring"], rows)
+    if not formulas:
+        return table
+    return table + "\n\nStreamed scorer memory (MiB): formula parts vs measured:\n\n" + md(
+        ["model", "one block", "2 blocks", "streams", "embedding/head", "2 blocks + streams + emb/head",
+         "block call activations", "candidates per call", "formula total", "measured +MiB (streamed)",
+         "whole model fp32", "fast path peak RSS"], formulas)
+
+
+def _scoring_fast_naive(d: dict) -> str:
+    """fast vs naive scorer table (result files from before the streamed scorer)."""
     rows = []
     for model, r in d["results"].items():
         mem = r.get("memory", {})
@@ -131,8 +167,42 @@ def base_eval(d: dict) -> str:
     return f"{head}\n\nXCOPA per language:\n\n{langs}\n\nBLiMP, the 5 hardest and 5 easiest phenomena:\n\n{ends}"
 
 
+def _gib(n) -> str:
+    """Bytes as GiB with one decimal."""
+    return "-" if n is None else f"{n / 2**30:.1f}"
+
+
+def plans(d: dict) -> str:
+    """bench/plans.py: per model, GPUs and recovery: each phase's peak per GPU, whether it fits, the fix."""
+    rows = []
+    for model, setups in d["plans"].items():
+        for setup, by_trainable in setups.items():
+            for trainable, p in by_trainable.items():
+                ph = {x["phase"]: x for x in p["phases"]}
+                bad = [x["phase"] for x in p["phases"] if x["fits"] is False]
+                ckpt = " (auto ckpt)" if p["grad_checkpointing"]["auto"] else ""
+                rows.append([model, setup, trainable, _gib(ph["score"]["bytes_per_process"]),
+                             _gib(ph["recovery"]["bytes_per_process"]) + ckpt,
+                             _gib(ph["evaluate"]["bytes_per_process"]), _gib(ph["load"]["bytes_per_process"]),
+                             "yes" if p["fits"] else "no: " + ", ".join(bad),
+                             "; ".join(p["suggestions"])])
+    s = d["settings"]
+    head = (f"{s['device_memory'] / 1e9:.0f} GB per GPU ({s['device_memory'] / 2**30:.1f} GiB), dtype "
+            f"{s['dtype']}, global micro-batch {s['batch_size']} x {s['seq_len']} tokens, "
+            f"{round(100 * s['ratio'])} % of the blocks kept. GiB per GPU (load: host RAM, once).\n\n")
+    return head + md(["model", "GPUs", "trains", "score", "recovery", "evaluate", "load (host)", "fits",
+                      "would fit"], rows)
+
+
+def planner_bench(d: dict) -> str:
+    """bench/planner.py: the planner's recovery estimate vs the measured peak RSS."""
+    from planner import COLUMNS, rows
+
+    return md(COLUMNS, rows(d["units"]))
+
+
 RENDER = {"scoring": scoring, "recovery": recovery, "pruned_speed": pruned_speed, "overhead": overhead,
-          "quality": quality, "budget_study": budget_study,
+          "plans": plans, "planner": planner_bench, "quality": quality, "budget_study": budget_study,
           "base_eval": base_eval}
 
 
@@ -196,7 +266,7 @@ def main() -> None:
             print(f"## {name}\n\n(no results yet)\n")
             continue
         data = json.loads(path.read_text())
-        kind = next((k for k in ("quality", "budget_study", "base_eval") if name.startswith(k)),
+        kind = next((k for k in ("quality", "budget_study", "base_eval", "scoring") if name.startswith(k)),
                     name.removesuffix("-cuda").removesuffix("-quick"))
         print(f"## {name}{' (quick)' if data.get('quick') else ''}\n\n{machine_line(data['machine'])}\n")
         print(RENDER[kind](data) + "\n")

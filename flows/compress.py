@@ -32,6 +32,7 @@ from flows.lifecycle import ensure_prefect_api, signals_as_interrupts
 from iterabre import planning, steps
 from iterabre.config import CompressConfig, FlowOptions, RecoveryConfig, normalise, validate
 from iterabre.errors import IterabreError
+from iterabre.planner import check_plan
 from iterabre.files import hash_path, output_lock, write_json
 
 D, R, O = CompressConfig(), RecoveryConfig(), FlowOptions()
@@ -83,11 +84,13 @@ def _oom(task, task_run, state) -> bool:
 
 @task(name="recover", retries=2, retry_delay_seconds=10, retry_condition_fn=_oom, **_PERSIST)
 def recover(student_dir: InPath, teacher_dir: InPath, data_path: InPath, recovery: dict, removed: list[int],
-            window_range: list[int], out_dir: str, device: str, extra_range: list[int] | None = None) -> dict:
+            window_range: list[int], out_dir: str, device: str, extra_range: list[int] | None = None,
+            dtype: str = D.dtype, num_processes: int = D.num_processes, fsdp: bool = D.fsdp) -> dict:
     """Heal the pruned model by distillation from the teacher; save the result."""
     result = steps.recover(student_dir, teacher_dir, data_path, recovery, removed, tuple(window_range),
                            out_dir, device, progress=_loss_logger(recovery["tokens"]),
-                           extra_range=tuple(extra_range) if extra_range else None)
+                           extra_range=tuple(extra_range) if extra_range else None, dtype=dtype,
+                           num_processes=num_processes, fsdp=fsdp)
     return {**_model_out(out_dir), "recovery": result}
 
 
@@ -195,6 +198,10 @@ def _config(params: dict) -> tuple[CompressConfig, FlowOptions]:
     params["recovery"] = {**dataclasses.asdict(R), **(params.get("recovery") or {})}
     cfg = normalise(CompressConfig.from_dict(params))
     validate(cfg)
+    plan = check_plan(cfg)  # refuses, in one line, a job whose memory plan does not fit this machine
+    if plan is not None and plan.auto_checkpointing:  # activations would not fit without it
+        get_run_logger().warning("memory plan: recovery needs gradient checkpointing to fit; switched on")
+        cfg.recovery.grad_checkpointing = True
     return cfg, opts
 
 
@@ -241,7 +248,8 @@ def iteration(run: Run, step: int, current: dict, base: dict, data: dict, k: int
     healed = run.call("recover", student_dir=pruned["path"], teacher_dir=teacher["path"], data_path=data["path"],
                       recovery=planning.step_recovery(cfg, budget), removed=remove, window_range=window,
                       out_dir=str(run.out / "steps" / f"step-{step:02d}"), device=run.device,
-                      extra_range=list(extra_window) if extra_window else None)
+                      extra_range=list(extra_window) if extra_window else None, dtype=cfg.dtype,
+                      num_processes=cfg.num_processes, fsdp=cfg.fsdp)
     if not run.opts.keep_pruned:
         shutil.rmtree(pruned["path"], ignore_errors=True)
     ev = _evaluate(run, healed) if run.opts.eval_every_step else {}
@@ -259,7 +267,8 @@ def final_recovery(run: Run, step: int, current: dict, teacher: dict, data: dict
     """
     healed = run.call("recover", student_dir=current["path"], teacher_dir=teacher["path"], data_path=data["path"],
                       recovery=planning.step_recovery(run.cfg, budget), removed=removed, window_range=window,
-                      out_dir=str(run.out / "steps" / "final-recovery"), device=run.device, extra_range=None)
+                      out_dir=str(run.out / "steps" / "final-recovery"), device=run.device, extra_range=None,
+                      dtype=run.cfg.dtype, num_processes=run.cfg.num_processes, fsdp=run.cfg.fsdp)
     ev = _evaluate(run, healed) if run.opts.eval_every_step else {}
     record = {"step": step, "name": "final-recovery", "removed": [], "scores": {},
               "num_layers": healed["num_layers"], "recovery": healed["recovery"], "eval": ev,
@@ -281,6 +290,7 @@ def compress(model: str = D.model, revision: str | None = D.revision, target_lay
              budget_schedule: str = D.budget_schedule, final_share: float = D.final_share,
              adaptive_eval_tokens: int = D.adaptive_eval_tokens, adaptive_tol: float = D.adaptive_tol,
              seq_len: int = D.seq_len, seed: int = D.seed, device: str = D.device,
+             dtype: str = D.dtype, num_processes: int = D.num_processes, fsdp: bool = D.fsdp,
              allow_remote_code: bool = D.allow_remote_code, allow_pickle: bool = D.allow_pickle,
              output: str = D.output, eval_tasks: str = D.eval_tasks, eval_limit: float | None = D.eval_limit,
              recovery: dict | None = None, eval_every_step: bool = O.eval_every_step,
@@ -380,7 +390,18 @@ def _report(run: Run, base: dict, final: dict, base_eval: dict, final_eval: dict
             "final_eval": final_eval, "steps": records, "final_dir": final["path"],
             "promotion": {"alias": alias, "reasons": reasons}, "mlflow_run_id": run.job.run_id,
             "budget": _budget_summary(budget, records, final_rec), "final_recovery": final_rec,
-            "data_split": (data or {}).get("split")}
+            "data_split": (data or {}).get("split"), **_card_facts(run, base, final)}
+
+
+def _card_facts(run: Run, base: dict, final: dict) -> dict:
+    """What the model card and the registry need beyond the job's results: name, sizes, licence."""
+    from iterabre import modelcard
+
+    return {"registered_name": tracking.registered_name(run.cfg.model),
+            "num_parameters": {"base": modelcard.parameter_count(base["path"]),
+                               "final": modelcard.parameter_count(final["path"])},
+            "licence": modelcard.base_licence(run.cfg.model, run.cfg.revision),
+            "base_hub_id": modelcard.base_hub_id(run.cfg.model)}
 
 
 def _budget_summary(budget: dict | None, records: list, final_rec: dict | None) -> dict | None:
@@ -392,17 +413,24 @@ def _budget_summary(budget: dict | None, records: list, final_rec: dict | None) 
 
 
 def _finish(run: Run, report: dict, final: dict) -> dict:
-    """Write report.json/.md + plots, register the final model, close the parent run."""
+    """Model card into final/, register the final model (alias decided against the registry's
+    champion), write report.json/.md + plots, close the parent run."""
+    from iterabre import modelcard
     from iterabre.evaluation.report import write_report
+    from iterabre.files import atomic_file
 
     tracking.log_evals(run.job, report["base_eval"], report["final_eval"])
-    promo = report["promotion"]
-    report["registry"] = tracking.register_final(run.job, run.cfg.model, final["path"], promo["alias"],
-                                                 promo["reasons"])
+    with atomic_file(Path(final["path"]) / "README.md") as tmp:  # not part of final/'s content hash
+        tmp.write_text(modelcard.render(report), encoding="utf-8")
+    report["registry"] = registered = tracking.register_final(run.job, report)
+    # The gates' verdict may be overruled by the comparison with the champion: report the outcome.
+    report["promotion"] = {**report["promotion"], "gates": report["promotion"]["alias"],
+                           "alias": registered["alias"], "reasons": registered["reasons"]}
     files = [write_json(report, run.out / "report.json"), *write_report(report, run.out)]
     tracking.finish_job(run.job, [str(p) for p in files])
-    get_run_logger().info("final model %s (%d blocks) registered as %s", final["path"], final["num_layers"],
-                          report["registry"]["uri"])
+    get_run_logger().info("final model %s (%d blocks) registered as %s (version %d): %s", final["path"],
+                          final["num_layers"], registered["uri"], registered["version"],
+                          "; ".join(registered["reasons"]))
     return report
 
 

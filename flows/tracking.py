@@ -4,8 +4,9 @@ Everything goes through `MlflowClient` with explicit run ids, because MLflow's a
 stack is thread-local and Prefect may run tasks in other threads. A job that was killed
 leaves its parent run RUNNING; re-running the same job (same config fingerprint and
 output folder) resumes that parent run and re-logs only the iterations it lacks. The
-final model is logged as artifacts of the parent run, registered as a new version of
-`iterabre-<base model>` and given the alias `champion` or `challenger` (never stages).
+final model is logged as an MLflow model (transformers flavor, text-generation) of the
+parent run, registered as a new version of `iterabre-<base model>` with its lineage, and
+given the alias `champion` or `challenger` by flows/registry.py (never stages).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows import registry
 from iterabre.config import CompressConfig
 from iterabre.errors import IterabreError
 from iterabre.files import git_commit
+from iterabre.modelcard import parameter_count
 from iterabre.paths import REPO_ROOT
 
 EXPERIMENT = os.environ.get("ITERABRE_MLFLOW_EXPERIMENT", "iterabre")
@@ -153,10 +156,6 @@ class Job:
     run_id: str
     experiment_id: str
 
-    @property
-    def artifact_uri(self) -> str:
-        return self.client.get_run(self.run_id).info.artifact_uri
-
 
 def start_job(client, cfg: CompressConfig, extra_params: dict, flow_run_id: str | None) -> Job:
     """Resume this job's unfinished parent run (same fingerprint + output) or open a new one."""
@@ -249,27 +248,38 @@ def log_evals(job: Job, base_eval: dict, final_eval: dict) -> None:
     _log_metrics(job.client, job.run_id, {**_metrics("base/", base_eval), **_metrics("final/", final_eval)})
 
 
-def register_final(job: Job, model: str, final_dir: str, alias: str, reasons: list[str]) -> dict:
-    """Log DIR/final on the parent run, register it as a new version and set its alias.
+def register_final(job: Job, report: dict) -> dict:
+    """Log `report["final_dir"]` as the job's MLflow model, register it with its lineage, and alias it.
 
-    Idempotent per parent run: a job killed after registering reuses its version on resume.
+    The alias is `champion` only when the gates passed and the version is not worse than the
+    registry's current champion (flows/registry.py); else `challenger`, with the reason on the
+    version. Idempotent per parent run: a job killed after logging or registering reuses that
+    logged model / version on resume.
     """
-    client = job.client
-    name = registered_name(model)
-    mine = _registered_version(client, name, job.run_id)
-    if mine is None:
-        client.log_artifacts(job.run_id, final_dir, "final")
-        try:
-            client.get_registered_model(name)
-        except Exception:  # MlflowException(RESOURCE_DOES_NOT_EXIST); the type varies across stores
-            client.create_registered_model(name, description="Block-pruned and recovered models made by iterabre.")
-        mine = client.create_model_version(name, source=f"{job.artifact_uri}/final", run_id=job.run_id,
-                                           description="; ".join(reasons)).version
-    client.set_registered_model_alias(name, alias, mine)
-    client.set_model_version_tag(name, mine, "iterabre.gates", "; ".join(reasons))
-    for k, v in {"registry.name": name, "registry.version": str(mine), "registry.alias": alias}.items():
+    client, name, final_dir = job.client, registered_name(report["base_model"]), report["final_dir"]
+    tags = registry.lineage_tags(report, client.get_run(job.run_id).data.tags, parameter_count(final_dir),
+                                 _weights_bytes(final_dir))
+    version = _registered_version(client, name, job.run_id)
+    if version is None:
+        model_id = _logged_model_id(job) or log_final_model(job, final_dir)
+        _ensure_registered_model(client, name)
+        version = client.create_model_version(name, source=f"models:/{model_id}", run_id=job.run_id, tags=tags,
+                                              model_id=model_id).version
+    version = str(version)
+    gates = report["promotion"]["alias"], list(report["promotion"]["reasons"])
+    alias, reasons = registry.choose_alias(client, name, version, gates, tags)
+    registry.record_decision(client, name, version, alias, reasons, tags, gates[1])
+    for k, v in {"registry.name": name, "registry.version": version, "registry.alias": alias}.items():
         client.set_tag(job.run_id, k, v)
-    return {"name": name, "version": int(mine), "alias": alias, "uri": f"models:/{name}@{alias}"}
+    return {"name": name, "version": int(version), "alias": alias, "reasons": reasons,
+            "uri": f"models:/{name}@{alias}", "version_uri": f"models:/{name}/{version}"}
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except Exception:  # MlflowException(RESOURCE_DOES_NOT_EXIST); the type varies across stores
+        client.create_registered_model(name, description="Block-pruned and recovered models made by iterabre.")
 
 
 def _registered_version(client, name: str, run_id: str) -> str | None:
@@ -279,6 +289,84 @@ def _registered_version(client, name: str, run_id: str) -> str | None:
     except Exception:  # no such registered model yet
         return None
     return found[0].version if found else None
+
+
+def _weights_bytes(folder: str) -> int:
+    """Bytes of the model's weight files (what a deployment downloads, give or take the tokenizer)."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+# ---------------------------------------------------------------- the final model as an MLflow model
+
+MODEL_NAME = "model"  # the logged model's name within the job
+# What the served model accepts per request (`params`), and an example request.
+GENERATION_PARAMS = {"max_new_tokens": 32}
+INPUT_EXAMPLE = ["Once upon a time"]
+PINNED = ("torch", "transformers", "tokenizers", "safetensors")  # installed versions, pinned: nothing inferred
+
+
+def _pip_requirements() -> list[str]:
+    """Exact pins of what loading the model needs (MLflow adds itself); inferring them would go online."""
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in PINNED]  # 2.13.0+cpu -> 2.13.0
+
+
+def _logged_model_id(job: Job) -> str | None:
+    """The finished logged model of this parent run, if an earlier attempt logged it; half-logged ones go."""
+    from mlflow.entities import LoggedModelStatus
+
+    found = job.client.search_logged_models([job.experiment_id], filter_string=f"source_run_id = '{job.run_id}'")
+    mine = [m for m in found if m.name == MODEL_NAME]
+    for model in mine:
+        if model.status != LoggedModelStatus.READY:
+            job.client.delete_logged_model(model.model_id)  # a process killed while saving or uploading it
+    return next((m.model_id for m in mine if m.status == LoggedModelStatus.READY), None)
+
+
+def log_final_model(job: Job, final_dir: str) -> str:
+    """Log the model in `final_dir` with the transformers flavor (weights, not a hub reference); its id.
+
+    The model is loaded once, in its stored dtype, and saved by MLflow into a temporary folder
+    next to `final_dir` (same disk), then uploaded. `save_model` + the client, rather than
+    `mlflow.transformers.log_model`, because log_model would load a second copy of the weights
+    to check the input example.
+    """
+    import tempfile
+
+    import mlflow.transformers
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model, infer_signature
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    client = job.client
+    logged = client.create_logged_model(job.experiment_id, name=MODEL_NAME, source_run_id=job.run_id,
+                                        tags={TAG_KIND: "final-model"})
+    components = {"model": AutoModelForCausalLM.from_pretrained(final_dir, dtype="auto"),
+                  "tokenizer": AutoTokenizer.from_pretrained(final_dir)}
+    signature = infer_signature(INPUT_EXAMPLE, ["Once upon a time, there was"], params=GENERATION_PARAMS)
+    meta = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=job.run_id,
+                 model_id=logged.model_id)
+    with tempfile.TemporaryDirectory(dir=Path(final_dir).parent, prefix=".mlflow-model-") as tmp:
+        mlflow.transformers.save_model(components, path=f"{tmp}/model", task="text-generation", signature=signature,
+                                       input_example=INPUT_EXAMPLE, pip_requirements=_pip_requirements(),
+                                       mlflow_model=meta, model_card=_model_card(final_dir))
+        components.clear()  # the weights are on disk now; free them before the upload
+        client.log_model_artifacts(logged.model_id, f"{tmp}/model")
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    client.log_outputs(job.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    return logged.model_id
+
+
+def _model_card(final_dir: str):
+    """final/README.md as a huggingface_hub ModelCard (MLflow stores it as model_card.md), or None.
+
+    Without one MLflow would try to fetch the base model's card from the hub.
+    """
+    from huggingface_hub import ModelCard
+
+    card = Path(final_dir) / "README.md"
+    return ModelCard(card.read_text(encoding="utf-8")) if card.is_file() else ModelCard("---\nlicense: unknown\n---\n")
 
 
 def finish_job(job: Job, files: list[str]) -> None:

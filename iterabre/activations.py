@@ -5,7 +5,9 @@ kwargs it received (attention mask, rotary position embeddings, position ids, ..
 its input hidden states. Any suffix of the stack can then be replayed from a cached
 hidden state: only the hidden-states argument changes, every other input is the one the
 model built itself. This keeps the fast scorers architecture-agnostic: no model's mask or
-rotary code is re-implemented here.
+rotary code is re-implemented here. Under `blocks_as_identity` the same capture records every
+block's call without running (or even having) the blocks' weights, which is what the streamed
+scorer replays one resident block at a time (`call_block`, `tile_call` for several streams).
 """
 
 from __future__ import annotations
@@ -84,17 +86,77 @@ def capture_stack(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return cap
 
 
+def call_block(block: nn.Module, call: BlockCall, hidden: torch.Tensor) -> torch.Tensor:
+    """One block on `hidden` [B, T, d] with the other inputs of a recorded call -> its output [B, T, d]."""
+    if call.hidden_in_kwargs:
+        return _hidden_of(block(hidden_states=hidden, **call.kwargs))
+    return _hidden_of(block(hidden, *call.args, **call.kwargs))
+
+
 def run_blocks(blocks: nn.ModuleList, calls: list[BlockCall], hidden: torch.Tensor,
                start: int) -> torch.Tensor:
     """Replay blocks start..L-1 on `hidden` [B, T, d] with their recorded inputs."""
     for pos in range(start, len(blocks)):
-        call = calls[pos]
-        if call.hidden_in_kwargs:
-            out = blocks[pos](hidden_states=hidden, **call.kwargs)
-        else:
-            out = blocks[pos](hidden, *call.args, **call.kwargs)
-        hidden = _hidden_of(out)
+        hidden = call_block(blocks[pos], calls[pos], hidden)
     return hidden
+
+
+def _tile(value, rows: int, times: int, memo: dict):
+    """`value` repeated `times` along a leading batch dim of size `rows`; anything else as it is.
+
+    Only tensors of rank >= 2 whose first dim is the batch are tiled (masks [B, 1, T, T], position
+    ids [B, T], rotary tables [B, T, hd]); rank-1 tensors (cache_position [T]) and tensors with a
+    broadcast batch dim of 1 (when B > 1) are shared unchanged. With B == 1 a leading 1 is tiled,
+    which is the same as broadcasting it. `memo` keeps the largest tiling of each tensor so far
+    (and the tensor, so its id stays unique); a smaller one is a view of its first rows.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() < 2 or value.shape[0] != rows or times == 1:
+            return value
+        _, tiled = memo.get(id(value), (None, None))
+        if tiled is None or tiled.shape[0] < rows * times:
+            tiled = value.repeat(times, *([1] * (value.dim() - 1)))
+            memo[id(value)] = (value, tiled)
+        return tiled[:rows * times]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_tile(v, rows, times, memo) for v in value)
+    if isinstance(value, dict):
+        return {k: _tile(v, rows, times, memo) for k, v in value.items()}
+    return value
+
+
+def tile_call(call: BlockCall, rows: int, times: int, memo: dict | None = None) -> BlockCall:
+    """The same call for `times` streams of `rows` rows stacked along the batch dim (one block call)."""
+    memo = {} if memo is None else memo
+    return BlockCall(_tile(call.args, rows, times, memo), _tile(call.kwargs, rows, times, memo),
+                     call.hidden_in_kwargs)
+
+
+def _return_input(hidden_states, *args, **kwargs):
+    """A block's forward that returns its input: the stream passes through untouched."""
+    return hidden_states
+
+
+@contextlib.contextmanager
+def blocks_as_identity(model: nn.Module):
+    """Every block returns its input unchanged, its weights untouched (they may be on meta); restored on exit.
+
+    The model's own forward then still builds everything it passes to the blocks (masks per
+    layer type, rotary tables, position ids): `capture_stack` under it records those calls
+    for the price of the embedding and the final norm.
+    """
+    _, _, blocks = block_list_site(model)
+    saved = [vars(b).get("forward") for b in blocks]  # an instance-level forward (a hook wrapper) is kept
+    try:
+        for b in blocks:
+            b.forward = _return_input
+        yield
+    finally:
+        for b, forward in zip(blocks, saved):
+            if forward is None:
+                del b.forward
+            else:
+                b.forward = forward
 
 
 def tail_modules(model: nn.Module) -> list[nn.Module]:

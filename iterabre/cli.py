@@ -114,6 +114,36 @@ def data_version_cmd():
     typer.echo(f"md5 {version['md5']} {'dirty' if version['dirty'] else 'clean'}")
 
 
+# ---------------------------------------------------------------- registry
+
+registry_app = typer.Typer(help="The MLflow model registry: list versions, promote one by hand.",
+                           no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("list")
+@friendly
+def registry_list(name: Optional[str] = typer.Argument(None, help="Registered model, e.g. iterabre-smollm2-135m "
+                                                        "(default: every iterabre model).")):
+    """Versions with their aliases, sizes, gate metrics and promotion decision, in one table."""
+    from flows.registry import list_command
+
+    typer.echo(list_command(name))
+
+
+@registry_app.command("promote")
+@friendly
+def registry_promote(name: str = typer.Argument(..., help="Registered model, e.g. iterabre-smollm2-135m."),
+                     version: int = typer.Argument(..., help="Version number (see `iterabre registry list`)."),
+                     alias: str = typer.Option("champion", help="Alias to give it (moved from the version "
+                                                                "that has it)."),
+                     reason: Optional[str] = typer.Option(None, help="Why, recorded on the version.")):
+    """Give a version an alias by hand (a deliberate override, recorded on the version as a tag)."""
+    from flows.registry import promote_command
+
+    typer.echo(promote_command(name, str(version), alias, reason))
+
+
 # ---------------------------------------------------------------- compress / evaluate
 
 def _parse_limit(value: Optional[str]) -> Optional[float | int]:
@@ -223,6 +253,100 @@ def evaluate(
 
     result = run_evaluate(model, tasks, _parse_limit(limit), output, batch_size, device)
     typer.echo(json.dumps(result, indent=2, sort_keys=True, default=str))
+
+
+# ---------------------------------------------------------------- plan
+
+_REC = RecoveryConfig()
+EXIT_DOES_NOT_FIT = 1
+
+
+@app.command()
+@friendly
+def plan(
+    model: str = typer.Option(_DEFAULTS.model, help="Model folder, config.json file, embedded name or hub id "
+                                                    "(its config.json only: no weights are read)."),
+    target_layers: Optional[int] = typer.Option(None, help=help_of(CompressConfig, "target_layers")),
+    target_ratio: Optional[float] = typer.Option(None, help=help_of(CompressConfig, "target_ratio")),
+    revision: Optional[str] = typer.Option(None, help=help_of(CompressConfig, "revision")),
+    recovery: str = typer.Option(_REC.method, help=help_of(RecoveryConfig, "method")),
+    trainable: str = typer.Option(_REC.trainable, help=help_of(RecoveryConfig, "trainable")),
+    lora_rank: int = typer.Option(_REC.lora_rank, help=help_of(RecoveryConfig, "lora_rank")),
+    dtype: str = typer.Option("auto", help="Working dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | "
+                                           "bfloat16."),
+    num_processes: int = typer.Option(1, help="Recovery processes (torchrun), one GPU each."),
+    fsdp: bool = typer.Option(False, help="Shard the student (and teacher) over the processes with FSDP2."),
+    batch_size: int = typer.Option(_REC.batch_size, help="Recovery sequences per micro-batch (all processes)."),
+    seq_len: int = typer.Option(_DEFAULTS.seq_len, help=help_of(CompressConfig, "seq_len")),
+    calibration_tokens: int = typer.Option(_DEFAULTS.calibration_tokens,
+                                           help=help_of(CompressConfig, "calibration_tokens")),
+    schedule: str = typer.Option(_DEFAULTS.schedule, help=help_of(CompressConfig, "schedule")),
+    blocks_per_step: int = typer.Option(_DEFAULTS.blocks_per_step, help=help_of(CompressConfig, "blocks_per_step")),
+    scorer: str = typer.Option(_DEFAULTS.scorer, help=help_of(CompressConfig, "scorer")),
+    eval_tasks: str = typer.Option(_DEFAULTS.eval_tasks, help=help_of(CompressConfig, "eval_tasks")),
+    grad_checkpointing: bool = typer.Option(False, help="Plan with gradient checkpointing (else it is switched "
+                                                        "on only when recovery needs it to fit)."),
+    device: str = typer.Option(_DEFAULTS.device, help="cpu | cuda (a machine to plan for, need not be this one); "
+                                                      "auto: this machine's."),
+    device_memory: Optional[str] = typer.Option(None, help="Memory per device, e.g. 80GiB, 16GB, 512MiB "
+                                                           "(default: this machine's GPU memory, or available RAM)."),
+    host_memory: Optional[str] = typer.Option(None, help="RAM of the GPU machine for the host-side load phase "
+                                                         "(default: this machine's available RAM when planning for "
+                                                         "this machine, else not checked)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (bytes per process per phase)."),
+):
+    """Estimate the peak memory of each phase per process from config.json alone; exit 1 if one does not fit."""
+    from iterabre import planner
+
+    if (target_layers is None) == (target_ratio is None):
+        raise IterabreError("give exactly one of --target-layers and --target-ratio.",
+                            "pass --target-layers N (blocks to keep) or --target-ratio R (e.g. 0.8)")
+    device = _plan_device(device)
+    limit = planner.parse_bytes(device_memory) if device_memory is not None else _machine_memory(device)
+    host = planner.parse_bytes(host_memory) if host_memory is not None else (
+        planner.available_ram() if device_memory is None else None)
+    path = planner.config_file(model, revision)
+    if path is None:
+        raise IterabreError(f"no config.json of {model} on this machine (a .gguf file, an embedded model not "
+                            "pulled yet, or a hub id never fetched).", "pass a folder or config.json file, run "
+                            "`iterabre models pull`, or fetch only the config: `hf download ID config.json`")
+    counts = planner.counts_from_config(planner.read_config(path), model)
+    target = target_layers if target_layers is not None else round(target_ratio * counts.num_layers)
+    job = planner.Job(target_layers=target,
+                      schedule=schedule, blocks_per_step=blocks_per_step, method=recovery, trainable=trainable,
+                      lora_rank=lora_rank, dtype=dtype, device=device, num_processes=num_processes, fsdp=fsdp,
+                      batch_size=batch_size, seq_len=seq_len, calibration_tokens=calibration_tokens,
+                      grad_checkpointing=grad_checkpointing, scorer=scorer, eval_tasks=eval_tasks)
+    result = planner.plan(counts, job, limit, host)
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else planner.table(result))
+    if result.grad_checkpointing and result.auto_checkpointing and not as_json:
+        typer.echo("gradient checkpointing: switched on by the planner (recovery fits only with it)")
+    if not result.fits:
+        typer.secho(f"does not fit: {planner.refusal(result)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
+
+
+def _plan_device(device: str) -> str:
+    """cpu or cuda; auto means this machine's. A plan for cuda needs no GPU here."""
+    if device == "auto":
+        from iterabre.devices import resolve_device
+
+        return resolve_device("auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise IterabreError(f"unknown device {device!r} to plan for.", "use cpu, cuda or auto")
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def _machine_memory(device: str) -> int:
+    """This machine's memory for `device`; a CUDA plan on a machine without a GPU needs the size given."""
+    import torch
+
+    from iterabre import planner
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise IterabreError("planning for cuda on a machine without a GPU, and no --device-memory was given.",
+                            "pass the GPU's memory, e.g. --device-memory 80GiB")
+    return planner.machine_memory(device)
 
 
 if __name__ == "__main__":

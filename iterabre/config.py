@@ -21,6 +21,7 @@ SCHEDULES = ("iterative", "one-shot")
 TEACHERS = ("base", "previous")
 CALIBRATIONS = ("wikitext", "self-generated")
 BUDGET_SCHEDULES = ("equal", "increasing", "final", "adaptive")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def knob(default, help: str, choices: tuple | str | None = None):
@@ -35,7 +36,8 @@ def knob(default, help: str, choices: tuple | str | None = None):
 class RecoveryConfig:
     """How one recovery (healing) phase trains the pruned student."""
 
-    method: str = knob("kd", "Recovery method: none | kd | lora-kd | reconstruct | reconstruct+kd.",
+    method: str = knob("kd", "Recovery method: none | kd | lora-kd | reconstruct | reconstruct+kd | block-recon | "
+                             "block-recon+kd.",
                        "iterabre.recovery:RECOVERY_METHODS")
     tokens: int = knob(4096, "Token budget of this phase; the loop sets it from the total budget.")
     batch_size: int = knob(4, "Recovery sequences per micro-batch.")
@@ -60,6 +62,16 @@ class RecoveryConfig:
     early_stop_tol: float = knob(0.01, "Plateau = relative held-out improvement below this.")
     ridge: float = knob(0.3, "reconstruct: ridge relative to the mean Gram diagonal, pulls towards the current "
                              "weights (0.3 measured best on SmolLM2).")
+    block_recon_blocks: str = knob("before", "block-recon: which kept blocks train at each gap: before (the one "
+                                             "before it) | both (before and after, together).",
+                                   "iterabre.blockrecon:TRAINED_BLOCKS")
+    block_recon_tokens: int = knob(4096, "block-recon: tokens captured per gap as (pruned input, dense target) "
+                                         "pairs, from this phase's recovery windows (capped by them).")
+    block_recon_steps: int = knob(100, "block-recon: Adam steps per gap.")
+    block_recon_lr: float = knob(1e-4, "block-recon: peak Adam learning rate (warmup_frac, lr_schedule as KD).")
+    block_recon_batch_size: int = knob(8, "block-recon: windows per Adam step.")
+    block_recon_buffer: int = knob(4096, "block-recon: memory cap, tokens of (input, target) pairs held at once; "
+                                         "more tokens are captured and trained in chunks.")
     seed: int = knob(0, "Recovery data order and adapter init.")
 
 
@@ -88,6 +100,12 @@ class CompressConfig:
     seq_len: int = knob(128, "Tokens per calibration / recovery sequence.")
     seed: int = knob(0, "Seed for data sampling, training and generation.")
     device: str = knob("auto", "auto | cpu | cuda.")
+    dtype: str = knob("auto", "Dtype of the loaded weights: auto (bfloat16 on CUDA, float32 on CPU) | float32 | "
+                              "bfloat16; trained weights keep float32 master copies.", DTYPES)
+    num_processes: int = knob(1, "Processes sharing each recovery, started by torchrun (configs/torchrun.yaml); "
+                                 "one per GPU.")
+    fsdp: bool = knob(False, "Shard student and teacher over the processes with FSDP2 (default: DDP, a whole "
+                             "copy per process).")
     allow_remote_code: bool = knob(False, "Allow models that ship their own Python code (trust_remote_code).")
     allow_pickle: bool = knob(False, "Allow .bin/.pt (pickle) weights.")
     output: str = knob("outputs/run", "Folder for final/, step checkpoints and report.json.")
@@ -210,6 +228,26 @@ def check_recovery(rec: RecoveryConfig) -> None:
                             "fix the recovery settings")
 
 
+def _check_processes(cfg: CompressConfig, device: str) -> None:
+    """A process count the recovery can use: >= 1, FSDP only with several, one GPU and one sequence each."""
+    n = cfg.num_processes
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise IterabreError(f"num_processes={n!r} must be an integer >= 1.",
+                            "pass --num-processes 1 (one process) or the number of GPUs to use")
+    if cfg.fsdp and n < 2:
+        raise IterabreError("--fsdp shards the models over several processes, but num_processes is 1.",
+                            "pass --num-processes 2 or more with --fsdp, or drop --fsdp")
+    if cfg.recovery.batch_size < n:  # each process trains on its rows of every micro-batch
+        raise IterabreError(f"recovery batch_size={cfg.recovery.batch_size} is smaller than num_processes={n}, "
+                            "so some process would get no sequence.", f"pass --batch-size {n} or more")
+    if device.startswith("cuda") and n > 1:
+        import torch
+
+        if n > torch.cuda.device_count():
+            raise IterabreError(f"num_processes={n} but only {torch.cuda.device_count()} CUDA GPUs are visible.",
+                                "pass --num-processes at most the number of GPUs (one process per GPU)")
+
+
 def _as_declared(value, annotation: str):
     """An int given for a float field becomes a float (JSON and Prefect turn 2 into 2.0 or back)."""
     if isinstance(value, int) and not isinstance(value, bool) and annotation.startswith("float"):
@@ -239,7 +277,7 @@ def validate(cfg: CompressConfig) -> None:
     _check_budget(cfg)
     _check_sizes(cfg)
     check_recovery(cfg.recovery)
-    resolve_device(cfg.device)
+    _check_processes(cfg, resolve_device(cfg.device))
     check_local_model(cfg.model, cfg.allow_pickle)  # a broken model folder fails now, not minutes later
     require_dir_or_absent(cfg.output, "--output", "pass a folder path (a new one, or an earlier job's output)")
     check_unlocked(cfg.output)

@@ -108,9 +108,16 @@ def save_torch(obj, path: str | os.PathLike) -> Path:
 
 # ---------------------------------------------------------------- content hashes
 
+# A folder's model card documents it and is no part of its content: the flow writes final/README.md
+# after final/ was evaluated, and that must not turn the cached evaluation into a miss.
+NOT_CONTENT = frozenset({"README.md"})
+
+
 def file_stats(path: Path) -> list[tuple[str, int, int]]:
-    """(relative name, size, mtime_ns) of every file under `path` (or of `path` itself), sorted."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    """(relative name, size, mtime_ns) of every file under `path` (or of `path` itself), sorted; a
+    folder's top-level README.md is left out (NOT_CONTENT)."""
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() not in NOT_CONTENT)
     base = path.parent if path.is_file() else path
     return [(p.relative_to(base).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
@@ -164,7 +171,7 @@ def git_dirty(repo: str | os.PathLike | None = None) -> bool:
 LOCK_NAME = ".iterabre.lock"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
@@ -179,7 +186,7 @@ def _stale(owner: dict) -> bool:
     """A lock left by a dead process on this host (a kill -9, a crash, a reboot)."""
     import socket
 
-    return owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1)))
+    return owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", -1)))
 
 
 @contextmanager

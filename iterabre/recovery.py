@@ -6,6 +6,13 @@ next to the removed ones, or LoRA adapters), plan shuffled micro-batches until t
 budget is spent, run AdamW with warmup + cosine/constant lr, clip, and guard: a NaN/Inf loss
 or one that grows past `max_loss_ratio` x the first loss restores the pre-recovery weights.
 The student is changed in place and handed back as a plain transformers model in eval mode.
+
+Precision: the models come in their working dtype (float32, or bfloat16 on CUDA). Weights that
+train get float32 master copies for the optimizer (bf16 ones are upcast for the phase and cast
+back at its end); the frozen teacher and frozen student weights stay in the working dtype, and
+bf16 weights mean bf16 autocast for compute. Processes: the loop asks a `dist` context
+(iterabre.distributed; `SINGLE` for one process) for its rows of each micro-batch, the wrapped
+student (DDP or FSDP2) and teacher, and sums over processes, so 1 and N processes run this code.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 from torch import nn
 
 from iterabre.config import RecoveryConfig, check_recovery
+from iterabre.distributed import SINGLE, Single, weights_digest
 from iterabre.errors import IterabreError
 from iterabre.kd import KDLoss
 from iterabre.memory import peak_mb, start_peak
@@ -54,6 +62,11 @@ class RecoveryResult:
     stopped_early: bool = False  # early stopping saw the held-out KD loss plateau (not an abort)
     heldout_checks: list[tuple[int, float]] = field(default_factory=list)  # (tokens trained, held-out KD)
     extra: dict = field(default_factory=dict)  # method-specific details (e.g. reconstruct stats)
+    flops: int = 0  # FLOPs of everything `recover` ran (held-out checks included, like `seconds`); iterabre.flops
+    world_size: int = 1  # processes that trained together
+    fsdp: bool = False  # whether they held FSDP2 shards (else DDP replicas)
+    dtype: str = "float32"  # working dtype of the weights (trained ones had float32 masters)
+    rank_digests: list[str] = field(default_factory=list)  # per process: its weights after training
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -73,6 +86,7 @@ class RecoveryJob:
     device: str = "cpu"
     heldout_ids: torch.Tensor | None = None
     heldout_mask: torch.Tensor | None = None
+    dist: Single = SINGLE  # this process's place among the processes that train together
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -186,17 +200,33 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA when asked; CPU runs in the weights' own dtype."""
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _run(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, hidden: bool, bf16: bool):
+def compute_dtype(student: nn.Module, teacher: nn.Module, bf16: bool) -> torch.dtype | None:
+    """The autocast dtype of a student/teacher pair; None: each model computes in its own dtype.
+
+    Weights held in bf16 (the teacher always holds the working dtype) mean bf16 compute, also
+    for float32 master copies; float32 models compute in float32, except on CUDA with `bf16`.
+    """
+    held = {p.dtype for model in (student, teacher) for p in model.parameters()}
+    low = [d for d in LOW_PRECISION if d in held]
+    if low:
+        return low[0]
+    return torch.bfloat16 if bf16 and _model_device(student).type == "cuda" else None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on the model's device; none for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _run(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, hidden: bool, dtype: torch.dtype | None):
     """One forward pass of a causal LM on its own device, without KV cache."""
     device = _model_device(model)
-    with _autocast(device, bf16):
+    with _autocast(device, dtype):
         return model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
                      output_hidden_states=hidden)
 
@@ -204,9 +234,10 @@ def _run(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, hidden: bool, 
 def pair_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
               loss_fn: KDLoss, bf16: bool = True) -> tuple[torch.Tensor, dict]:
     """KD loss of the student against the teacher on one micro-batch (teacher under no_grad)."""
+    dtype = compute_dtype(student, teacher, bf16)
     with torch.no_grad():
-        t_out = _run(teacher, ids, mask, loss_fn.needs_hidden, bf16)
-    s_out = _run(student, ids, mask, loss_fn.needs_hidden, bf16)
+        t_out = _run(teacher, ids, mask, loss_fn.needs_hidden, dtype)
+    s_out = _run(student, ids, mask, loss_fn.needs_hidden, dtype)
     dev = s_out.logits.device
     t_hidden = t_out.hidden_states[-1].to(dev) if loss_fn.needs_hidden else None
     s_hidden = s_out.hidden_states[-1] if loss_fn.needs_hidden else None
@@ -330,16 +361,27 @@ def _seeded(device: torch.device, seed: int):
         yield
 
 
-def _accumulate(job: RecoveryJob, model: nn.Module, micro: list[torch.Tensor], loss_fn: KDLoss):
-    """Forward + backward over one step's micro-batches -> (mean loss, valid tokens)."""
-    total, tokens = 0.0, 0
-    for idx in micro:
-        ids, mask = job.input_ids[idx], job.attention_mask[idx]
-        loss, _ = pair_loss(model, job.teacher, ids, mask, loss_fn, job.cfg.bf16)
-        (loss / len(micro)).backward()
-        loss = loss.detach()
-        total, tokens = total + loss.item() / len(micro), tokens + int(mask.sum())
-    return total, tokens
+def _accumulate(job: RecoveryJob, model: nn.Module, teacher: nn.Module, micro: list[torch.Tensor],
+                loss_fn: KDLoss):
+    """Forward + backward of this process's rows of one step's micro-batches.
+
+    -> (mean loss over the whole micro-batches, valid tokens in them), equal on every process.
+    """
+    dist, total, tokens = job.dist, 0.0, 0
+    for idx in micro:  # idx: [batch_size] rows of the whole micro-batch
+        everyone = int(job.attention_mask[idx].sum())
+        mine = dist.rows(idx)  # [batch_size / world] this process's rows
+        ids, mask = job.input_ids[mine], job.attention_mask[mine]
+        # DDP and FSDP average gradients over the processes; weighting each process's token mean
+        # by its share of the tokens makes that average the gradient of the whole micro-batch's
+        # token mean, as one process would compute it (share == 1 for one process). Exact for
+        # the KL and hidden terms; CE averages over token pairs (one fewer per row), whose shares
+        # equal the token shares when the processes get equally many full rows.
+        share = int(mask.sum()) * dist.world / max(everyone, 1)
+        loss, _ = pair_loss(model, teacher, ids, mask, loss_fn, job.cfg.bf16)
+        (loss * share / len(micro)).backward()
+        total, tokens = total + loss.detach().item() * share / dist.world / len(micro), tokens + everyone
+    return dist.all_sum(total), tokens
 
 
 def can_fuse(params: list) -> bool:
@@ -356,7 +398,8 @@ def make_optimizer(params: list, cfg: RecoveryConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
-def _loop(job: RecoveryJob, model: nn.Module, params: list, steps: list, monitor: Plateau | None = None) -> dict:
+def _loop(job: RecoveryJob, model: nn.Module, teacher: nn.Module, params: list, steps: list,
+          monitor: Plateau | None = None) -> dict:
     """Optimise over the planned steps; stop when the guard trips or the monitor sees a plateau."""
     cfg, loss_fn, guard = job.cfg, KDLoss.from_config(job.cfg), LossGuard(job.cfg.max_loss_ratio)
     opt = make_optimizer(params, cfg)
@@ -368,8 +411,8 @@ def _loop(job: RecoveryJob, model: nn.Module, params: list, steps: list, monitor
         lr = cfg.lr * lr_factor(step, len(steps), warmup, cfg.lr_schedule)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, tokens = _accumulate(job, model, micro, loss_fn)
-        out["reason"] = guard.check(loss)
+        loss, tokens = _accumulate(job, model, teacher, micro, loss_fn)
+        out["reason"] = guard.check(loss)  # the same loss on every process: they stop together
         if out["reason"]:  # checked before opt.step, so the bad update is never applied
             break
         torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
@@ -408,30 +451,60 @@ def _set_checkpointing(student: nn.Module, on: bool) -> None:
         student.gradient_checkpointing_enable(kwargs) if on else student.gradient_checkpointing_disable()
 
 
+def float32_masters(params: list) -> list[tuple[nn.Parameter, torch.dtype]]:
+    """Upcast trained bf16/fp16 weights to float32 in place -> [(parameter, its dtype before)].
+
+    AdamW then keeps float32 state, and updates of lr-size are not rounded away as they are on
+    bf16 weights (measured in docs/SCALING.md). LoRA adapters are float32 already (peft).
+    """
+    low = [(p, p.dtype) for p in params if p.dtype in LOW_PRECISION]
+    for p, _ in low:
+        p.data = p.data.float()
+    return low
+
+
+def _cast_back(masters: list[tuple[nn.Parameter, torch.dtype]]) -> None:
+    """The trained weights back in the working dtype, as they are saved and loaded next."""
+    for p, dtype in masters:
+        p.data = p.data.to(dtype)
+
+
 def train_kd(job: RecoveryJob, trainable: str, method: str) -> RecoveryResult:
     """Distil the teacher into the student in place; restore the old weights if the guard trips."""
-    cfg, student, device = job.cfg, job.student, torch.device(job.device)
+    cfg, student, dist = job.cfg, job.student, job.dist
+    device = dist.compute_device(job.device)
     start, mem = time.perf_counter(), start_peak(device)
     eval_ids, eval_mask = _eval_set(job)
-    loss_before = kd_loss_on(student, job.teacher, eval_ids, eval_mask, cfg)
     steps = plan_steps(job.attention_mask, cfg.batch_size, cfg.grad_accum, cfg.tokens, cfg.seed)
-    monitor = None
-    if cfg.early_stop_tokens > 0:  # adaptive budget: unused tokens go to the next step, so never overshoot
-        steps = within_budget(steps, job.attention_mask, cfg.tokens)
-        monitor = Plateau(lambda m: kd_loss_on(m, job.teacher, eval_ids, eval_mask, cfg),
-                          cfg.early_stop_tokens, cfg.early_stop_tol, loss_before)
+    compute = compute_dtype(student, job.teacher, cfg.bf16)  # before the masters hide the bf16 weights
     model, params, finish = select_trainable(student, cfg, job.removed, trainable)
+    masters = float32_masters(params)
     keep = False  # any exception below also restores the pre-recovery weights
     try:
         if cfg.grad_checkpointing:
             _set_checkpointing(student, True)
+        trained, teacher = dist.wrap(model, True, compute), dist.wrap(job.teacher, False, compute)
+        params = [p for p in trained.parameters() if p.requires_grad]  # FSDP2: its sharded parameters
+
+        def heldout(m: nn.Module) -> float:  # every process evaluates all of it; the mean makes them agree
+            return dist.all_mean(kd_loss_on(m, teacher, eval_ids, eval_mask, cfg))
+
+        loss_before = heldout(trained)
+        monitor = None
+        if cfg.early_stop_tokens > 0:  # adaptive budget: unused tokens go to the next step, so never overshoot
+            steps = within_budget(steps, job.attention_mask, cfg.tokens)
+            monitor = Plateau(heldout, cfg.early_stop_tokens, cfg.early_stop_tol, loss_before)
         with _seeded(device, cfg.seed):
-            out = _loop(job, model, params, steps, monitor)
-        loss_after = loss_before if out["reason"] else _final_loss(job, model, monitor, out["tokens"])
+            out = _loop(job, trained, teacher, params, steps, monitor)
+        digests = dist.all_gather(weights_digest(dist, params))
+        loss_after = loss_before if out["reason"] else _final_loss(trained, heldout, monitor, out["tokens"])
         if not out["reason"] and not math.isfinite(loss_after):
             out["reason"] = f"held-out loss is {loss_after} after training"
         keep = not out["reason"]
+        if keep:
+            dist.unwrap(trained, model)  # FSDP: the shards gathered into rank 0's plain model
     finally:
+        _cast_back(masters)
         finish(keep)
         if cfg.grad_checkpointing:
             _set_checkpointing(student, False)
@@ -442,14 +515,16 @@ def train_kd(job: RecoveryJob, trainable: str, method: str) -> RecoveryResult:
         tokens=out["tokens"], steps=len(out["losses"]), seconds=time.perf_counter() - start,
         tokens_per_s=out["tokens"] / out["seconds"] if out["seconds"] else 0.0,
         aborted=bool(out["reason"]), reason=out["reason"], peak_mem_mb=peak_mb(device, mem),
-        stopped_early=out["stopped"], heldout_checks=monitor.checks[1:] if monitor else [])
+        stopped_early=out["stopped"], heldout_checks=monitor.checks[1:] if monitor else [],
+        rank_digests=digests)
 
 
-def _final_loss(job: RecoveryJob, model: nn.Module, monitor: Plateau | None, tokens: int) -> float:
+def _final_loss(model: nn.Module, heldout: Callable[[nn.Module], float], monitor: Plateau | None,
+                tokens: int) -> float:
     """Held-out KD loss after training; reuses the monitor's last check when it was taken right here."""
     if monitor is not None and len(monitor.checks) > 1 and monitor.checks[-1][0] == tokens:
         return monitor.checks[-1][1]
-    return kd_loss_on(model, job.teacher, *_eval_set(job), job.cfg)
+    return heldout(model)
 
 
 # ---------------------------------------------------------------- methods
@@ -502,12 +577,45 @@ def _recover_reconstruct_kd(job: RecoveryJob) -> RecoveryResult:
     return second
 
 
+def _recover_block_recon(job: RecoveryJob) -> RecoveryResult:
+    """Block-wise reconstruction with global propagation: Adam on the kept block(s) at each gap (iterabre.blockrecon)."""
+    from iterabre.blockrecon import block_recon
+
+    device = torch.device(job.device)
+    start, mem = time.perf_counter(), start_peak(device)
+    eval_ids, eval_mask = _eval_set(job)
+    before = kd_loss_on(job.student, job.teacher, eval_ids, eval_mask, job.cfg)
+    info = block_recon(job.student, job.teacher, job.input_ids, job.attention_mask, job.cfg, list(job.removed),
+                       job.heldout_ids, job.heldout_mask)
+    after = kd_loss_on(job.student, job.teacher, eval_ids, eval_mask, job.cfg)
+    seconds = time.perf_counter() - start
+    aborted = [u["reason"] for u in info.units if u["reason"]]
+    return RecoveryResult(method="block-recon", trainable=job.cfg.block_recon_blocks, loss_before=before,
+                          loss_after=after, losses=info.losses, tokens=info.tokens, steps=info.steps,
+                          seconds=seconds, tokens_per_s=info.tokens_seen / info.seconds if info.seconds else 0.0,
+                          aborted=bool(aborted), reason="; ".join(aborted), peak_mem_mb=peak_mb(device, mem),
+                          extra={"block_recon": dataclasses.asdict(info)})
+
+
+def _recover_block_recon_kd(job: RecoveryJob) -> RecoveryResult:
+    """Block-wise reconstruction, then KD with the phase's token budget; an aborted KD keeps the block-wise result."""
+    first = _recover_block_recon(job)
+    second = train_kd(job, job.cfg.trainable, "block-recon+kd")
+    second.extra = {**first.extra, "loss_after_block_recon": first.loss_after}
+    second.loss_before = first.loss_before
+    second.seconds += first.seconds
+    second.peak_mem_mb = max(first.peak_mem_mb, second.peak_mem_mb)
+    return second
+
+
 RECOVERY_METHODS: dict[str, Callable[[RecoveryJob], RecoveryResult]] = {
     "none": _recover_none,
     "kd": _recover_kd,
     "lora-kd": _recover_lora_kd,
     "reconstruct": _recover_reconstruct,
     "reconstruct+kd": _recover_reconstruct_kd,
+    "block-recon": _recover_block_recon,
+    "block-recon+kd": _recover_block_recon_kd,
 }
 
 
@@ -518,6 +626,14 @@ def _check_data(ids: torch.Tensor, mask: torch.Tensor, what: str) -> None:
     if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32) or mask.shape != ids.shape:
         raise IterabreError(f"{what} ids {tuple(ids.shape)} / mask {tuple(mask.shape)} are not a matching "
                             "[sequences, tokens] integer pair.", "pass token windows from iterabre.data")
+
+
+def _dtype_name(model: nn.Module) -> str:
+    """'bfloat16' / 'float32' / ...: the dtype most of the model's weights are held in."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return str(max(counts, key=counts.get)).removeprefix("torch.") if counts else "float32"
 
 
 def _prepare_models(student: nn.Module, teacher: nn.Module, device: str) -> None:
@@ -532,13 +648,23 @@ def _prepare_models(student: nn.Module, teacher: nn.Module, device: str) -> None
 def recover(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             cfg: RecoveryConfig, removed: list[int] = (), progress: Callable[[dict], None] | None = None,
             device: str = "cpu", heldout_ids: torch.Tensor | None = None,
-            heldout_mask: torch.Tensor | None = None) -> RecoveryResult:
-    """Heal `student` in place towards `teacher` with `cfg.method`; returns what happened."""
+            heldout_mask: torch.Tensor | None = None, dist: Single = SINGLE) -> RecoveryResult:
+    """Heal `student` in place towards `teacher` with `cfg.method`; returns what happened.
+
+    `dist`: this process's place when several train together (iterabre.distributed); then only
+    rank 0's `student` is sure to hold the result (under FSDP the others keep their old weights).
+    """
     check_recovery(cfg)
     _check_data(input_ids, attention_mask, "recovery")
     if heldout_ids is not None:
         _check_data(heldout_ids, heldout_mask if heldout_mask is not None else heldout_ids, "held-out")
     _prepare_models(student, teacher, device)
     job = RecoveryJob(student, teacher, input_ids, attention_mask, cfg, list(removed), progress, device,
-                      heldout_ids, heldout_mask)
-    return RECOVERY_METHODS[cfg.method](job)
+                      heldout_ids, heldout_mask, dist)
+    from iterabre.flops import count_flops
+
+    with count_flops() as counted:  # from the shapes of every matmul / attention call the method makes
+        result = RECOVERY_METHODS[cfg.method](job)
+    result.flops = int(dist.all_sum(counted.total))  # every process's share of the work
+    result.world_size, result.fsdp, result.dtype = dist.world, dist.fsdp, _dtype_name(teacher)
+    return result

@@ -20,6 +20,14 @@ the LM head except for `perplexity`. block-influence and angular need one pass i
 On the first batch the fast path also replays the whole stack once (one extra forward) to
 check that the replay reproduces the model; if it does not, it logs why and runs naive.
 Memory stays O(L * batch * T * d): one batch is processed for all candidates at a time.
+
+`streamed_scores` gives the same scores without the whole model in memory: it walks the
+blocks once, in order, with one block's weights on the device (read from the model folder,
+or moved from CPU memory), advancing the dense stream and every candidate stream that has
+already skipped its run, several candidates per block call. Same L + L(L-1)/2 block forwards,
+but each block's weights are read once per pass. The inputs every block gets (masks per layer
+type, rotary tables) are recorded from the model's own forward run with identity blocks, so
+nothing of a model's mask or rotary code is re-implemented. The flow's score step uses it.
 """
 
 from __future__ import annotations
@@ -34,9 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iterabre.activations import (apply_tail, capture_stack, lm_logits, run_blocks,
-                                  tail_as_identity, tail_modules)
+from iterabre.activations import (apply_tail, blocks_as_identity, call_block, capture_stack, lm_logits,
+                                  run_blocks, tail_as_identity, tail_modules, tile_call)
+from iterabre.devices import resolve_device
 from iterabre.errors import IterabreError
+from iterabre.streaming import open_source, plan_streams
 from iterabre.surgery import blocks_skipped, decoder_blocks, original_indices
 
 log = logging.getLogger(__name__)
@@ -134,8 +144,8 @@ def _scorer(name: str) -> Scorer:
     return SCORERS[name]
 
 
-def _batches(model, input_ids, attention_mask, batch_size) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Validate inputs and split them into (ids [b, T], mask [b, T]) batches on the model's device."""
+def _batches(input_ids, attention_mask, batch_size, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Validate inputs and split them into (ids [b, T], mask [b, T]) batches on `device`."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
         raise IterabreError("input_ids must be a non-empty [N, T] tensor of token ids.",
                             "pass token windows, e.g. from iterabre.data.token_windows.")
@@ -146,7 +156,6 @@ def _batches(model, input_ids, attention_mask, batch_size) -> list[tuple[torch.T
                             f"{tuple(input_ids.shape)}.", "pass a mask of the same [N, T] shape.")
     if int(batch_size) < 1:
         raise IterabreError(f"batch_size must be >= 1, got {batch_size}.", "pass a positive batch size.")
-    device = next(model.parameters()).device
     ids, mask = input_ids.long().to(device), attention_mask.long().to(device)
     return [(ids[s:s + batch_size], mask[s:s + batch_size]) for s in range(0, len(ids), batch_size)]
 
@@ -227,7 +236,7 @@ def _stream_states(model, ids, mask) -> tuple[torch.Tensor, ...]:
 def _setup(model, input_ids, attention_mask, scorer: str, n: int, batch_size: int, progress):
     """What both scoring paths start from: rule, batches, candidate starts, running sums, ticker."""
     rule = _scorer(scorer)
-    batches = _batches(model, input_ids, attention_mask, batch_size)
+    batches = _batches(input_ids, attention_mask, batch_size, next(model.parameters()).device)
     starts = _starts(model, n)
     sums = {p: [0.0, 0] for p in starts}
     ticker = _Ticker(progress, len(batches) * (1 if rule.kind == "pair" else len(starts)))
@@ -315,6 +324,151 @@ def score_blocks(model, input_ids, attention_mask, scorer: str = "output", n: in
     if problem:
         return naive_scores(model, input_ids, attention_mask, scorer, n, batch_size, progress)
     return _finish(model, sums, scorer)
+
+
+# ---- the streamed path: walk the blocks once, one block's weights on the device at a time ---------
+
+class _Unstreamable(Exception):
+    """The identity-block pass showed that replaying recorded block calls would not reproduce the model."""
+
+
+@dataclass
+class _Walk:
+    """One calibration batch during the walk; streams live on the plan's stream device."""
+
+    ids: torch.Tensor  # [b, T] on the compute device
+    mask: torch.Tensor  # [b, T]
+    calls: list  # BlockCall per block, as the model's own forward built them for this batch
+    dense: torch.Tensor  # [b, T, d] input of the next block of the full model
+    candidates: dict  # start p -> [b, T, d] stream of the model without blocks p..p+n-1
+    window: list  # pair scorers: the last n+1 dense block inputs
+    memo: dict  # tiled call tensors shared by the batched candidate calls
+
+
+def _identity_pass_problem(model, cap, tail, mask) -> str | None:
+    """Why replaying this identity-block capture would not reproduce the model's forward, if it would not."""
+    if any(x is None for x in cap.xs) or any(c is None for c in cap.calls) or cap.final is None:
+        return "not every block was called exactly through its module during the forward"
+    if any(not _close(x, cap.xs[0], mask) for x in cap.xs[1:]):
+        return "the model changes the residual stream between blocks"
+    if not _close(apply_tail(tail, cap.xs[-1]), cap.final, mask):
+        return "the modules after the last block are not a recognised final norm/projection"
+    if cap.logits is not None and not _close(lm_logits(model, cap.final), cap.logits, mask):
+        return "the LM head applies something besides the output embeddings and softcapping"
+    return None
+
+
+def _prepare_walks(model, batches, rule: Scorer, stream_device) -> list[_Walk]:
+    """Record every block call of every batch with identity blocks (no block weights needed)."""
+    tail, walks = tail_modules(model), []
+    for b, (ids, mask) in enumerate(batches):
+        with blocks_as_identity(model):
+            cap = capture_stack(model, ids, mask, with_logits=(b == 0 and rule.target == "logits"))
+        problem = _identity_pass_problem(model, cap, tail, mask)
+        if problem:
+            raise _Unstreamable(problem)
+        x0 = cap.xs[0].to(stream_device)
+        walks.append(_Walk(ids, mask, cap.calls, x0, {}, [x0], {}))
+    return walks
+
+
+def _advance_candidates(block, walk: _Walk, j: int, n: int, per_call: int, device, stream_device) -> None:
+    """Block j on every candidate stream that has already skipped its run, `per_call` streams per call."""
+    active = [p for p in walk.candidates if p + n <= j]
+    rows = walk.ids.shape[0]
+    for c in range(0, len(active), per_call):
+        chunk = active[c:c + per_call]
+        x = torch.cat([walk.candidates[p].to(device) for p in chunk])  # [len(chunk) * b, T, d]
+        y = call_block(block, tile_call(walk.calls[j], rows, len(chunk), walk.memo), x)
+        for i, p in enumerate(chunk):
+            walk.candidates[p] = y[i * rows:(i + 1) * rows].to(stream_device)
+
+
+def _block_step(block, walk: _Walk, j: int, rule: Scorer, n: int, plan, device, sums) -> None:
+    """While block j is resident: advance this batch's dense stream and its candidates (or pair terms)."""
+    if rule.kind == "resume":
+        walk.candidates[j] = walk.dense  # the model without blocks j..j+n-1 continues from block j's input
+        _advance_candidates(block, walk, j, n, plan.per_call, device, plan.stream_device)
+    walk.dense = call_block(block, walk.calls[j], walk.dense.to(device)).to(plan.stream_device)
+    if rule.kind == "pair":
+        walk.window = (walk.window + [walk.dense])[-(n + 1):]
+        if len(walk.window) == n + 1:  # inputs of blocks p and p+n, p = j + 1 - n
+            a, b = (x.to(device) for x in (walk.window[0], walk.window[-1]))
+            _add(sums, j + 1 - n, rule.term(a, b, walk.ids, walk.mask))
+
+
+def _finish_walk(model, tail, walk: _Walk, rule: Scorer, starts, sums, device) -> None:
+    """After the last block: final norm (and LM head) on every candidate, scored against the full model."""
+    if rule.kind != "resume":
+        return
+    reference = apply_tail(tail, walk.dense.to(device)) if rule.target == "hidden" else None
+    for p in starts:
+        final = apply_tail(tail, walk.candidates.pop(p).to(device))
+        candidate = lm_logits(model, final) if rule.target == "logits" else final
+        _add(sums, p, rule.term(reference, candidate, walk.ids, walk.mask))
+
+
+def _walk_blocks(source, rule: Scorer, input_ids, attention_mask, n, batch_size, device, progress,
+                 call_budget) -> BlockScores:
+    """Every group of batches: one pass over the blocks in order, each block loaded once per pass."""
+    model = source.model
+    blocks = decoder_blocks(model)
+    starts = _starts(model, n)
+    sums = {p: [0.0, 0] for p in starts}
+    batches = _batches(input_ids, attention_mask, batch_size, device)
+    per_row = len(blocks) + 1 if rule.kind == "resume" else n + 1  # streams per calibration row
+    plan = plan_streams(model.config, device, [len(ids) for ids, _ in batches], input_ids.shape[1], per_row,
+                        next(p for p in model.parameters() if p.is_floating_point()).dtype, call_budget)
+    walks = _prepare_walks(model, batches, rule, plan.stream_device)
+    ticker = _Ticker(progress, len(plan.groups) * len(blocks))
+    tail = tail_modules(model)
+    for group in plan.groups:
+        for j in range(len(blocks)):
+            block = source.load(j)
+            for b in group:
+                _block_step(block, walks[b], j, rule, n, plan, device, sums)
+            source.unload(j)
+            ticker.tick()
+        for b in group:
+            _finish_walk(model, tail, walks[b], rule, starts, sums, device)
+            walks[b] = None  # this group's streams are no longer needed
+    return _finish(model, sums, rule.name)
+
+
+def streamed_scores(weights, input_ids, attention_mask, scorer: str = "output", n: int = 1,
+                    batch_size: int = 4, device: str = "auto", dtype: torch.dtype | None = None,
+                    progress: Progress | None = None, call_budget: int | None = None) -> BlockScores:
+    """Same scores as score_blocks, with only one block's weights on `device` at a time.
+
+    `weights` is a safetensors model folder (read lazily, block by block, in `dtype`, default
+    float32) or an nn.Module (e.g. kept in CPU memory while `device` is a GPU). The blocks are
+    walked once, in order; while block j is resident it advances the dense stream and every
+    candidate stream that has already skipped its run, several candidates per call
+    (`call_budget` bytes of activations, see iterabre.streaming.plan_streams). Progress counts
+    blocks. If the model's forward cannot be replayed block by block, it logs why and scores
+    the whole model with score_blocks instead.
+    """
+    rule = _scorer(scorer)
+    source = open_source(weights, torch.device(resolve_device(device)), dtype)
+    try:
+        with _eval_inference(source.model):
+            return _walk_blocks(source, rule, input_ids, attention_mask, n, batch_size, source.device, progress,
+                                call_budget)
+    except _Unstreamable as e:
+        problem = str(e)
+    finally:
+        source.close()
+    log.warning("Streamed %s scoring unavailable for %s: %s; scoring the whole model.",
+                scorer, type(source.model).__name__, problem)
+    model = weights if isinstance(weights, nn.Module) else _load_whole(weights, source.device, dtype)
+    return score_blocks(model, input_ids, attention_mask, scorer, n, batch_size, progress)
+
+
+def _load_whole(folder, device, dtype) -> nn.Module:
+    """The whole model from a folder, for the fallback."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32).to(device).eval()
 
 
 # ---- choosing what to remove -------------------------------------------------------------------

@@ -25,11 +25,11 @@ from iterabre.planning import recovery_ranges, split_layout
 
 # ---------------------------------------------------------------- model and data steps
 
-def _load(model_dir: str | os.PathLike, device: str = "cpu"):
-    """(model, tokenizer) from a prepared local safetensors folder."""
+def _load(model_dir: str | os.PathLike, device: str = "cpu", dtype=None):
+    """(model, tokenizer) from a prepared local safetensors folder (dtype None: float32)."""
     from iterabre.models import load_model
 
-    return load_model(str(model_dir), device=device)
+    return load_model(str(model_dir), device=device, dtype=dtype)
 
 
 def prepare_base(model: str, revision: str | None, work_dir: str | os.PathLike, allow_remote_code: bool = False,
@@ -108,15 +108,19 @@ def score(model_dir: str | os.PathLike, data_path: str | os.PathLike, scorer: st
           device: str) -> dict:
     """{"scores": {orig: importance}, "order": remaining original indices}; higher = more important.
 
-    `n` > 1 scores runs of n consecutive blocks, keyed by the run's first block.
+    `n` > 1 scores runs of n consecutive blocks, keyed by the run's first block. The model is
+    streamed from its folder one block at a time (`streamed_scores`), so it need not fit the device.
     """
-    from iterabre.scorers import score_blocks
-    from iterabre.surgery import original_indices
+    from iterabre.devices import resolve_device
+    from iterabre.scorers import streamed_scores
 
-    model, _ = _load(model_dir, device)
+    from iterabre.flops import count_flops
+
     ids = load_data(data_path)["calib"]  # [N, T]
-    scores = score_blocks(model, ids, _mask(ids), scorer=scorer, n=n)
-    return {"scores": {int(i): float(s) for i, s in scores.items()}, "order": original_indices(model)}
+    with count_flops() as counted:  # "flops": from the shapes of every block matmul / attention call that ran
+        scores = streamed_scores(model_dir, ids, _mask(ids), scorer=scorer, n=n, device=resolve_device(device))
+    return {"scores": {int(i): float(s) for i, s in scores.items()}, "order": list(scores.order),
+            "flops": counted.total}
 
 
 def prune(model_dir: str | os.PathLike, remove: list[int], out_dir: str | os.PathLike) -> Path:
@@ -131,25 +135,50 @@ def prune(model_dir: str | os.PathLike, remove: list[int], out_dir: str | os.Pat
 def recover(student_dir: str | os.PathLike, teacher_dir: str | os.PathLike, data_path: str | os.PathLike,
             recovery_cfg: dict, removed: list[int], window_range: tuple[int, int],
             out_dir: str | os.PathLike, device: str, progress=None,
-            extra_range: tuple[int, int] | None = None) -> dict:
+            extra_range: tuple[int, int] | None = None, dtype: str = "auto", num_processes: int = 1,
+            fsdp: bool = False) -> dict:
     """Heal the pruned student towards the teacher on its slice of the recovery windows; save it.
 
     `extra_range` adds more recovery windows (from the carry pool, for tokens an earlier step left).
+    `dtype` is the working dtype of both models ('auto': bfloat16 on CUDA, float32 on CPU). With
+    `num_processes` > 1 the same `recover_on` runs in that many processes under torchrun (DDP, or
+    FSDP2 with `fsdp`; iterabre.distributed) and this returns rank 0's record.
     """
-    from iterabre.models import save_model
+    args = dict(student_dir=str(student_dir), teacher_dir=str(teacher_dir), data_path=str(data_path),
+                recovery_cfg=dict(recovery_cfg), removed=list(removed), window_range=list(window_range),
+                out_dir=str(out_dir), device=device, extra_range=list(extra_range) if extra_range else None,
+                dtype=dtype)
+    if num_processes > 1:
+        from iterabre.distributed import launch
+
+        return launch(args, num_processes, fsdp, progress)
+    from iterabre.distributed import SINGLE
+
+    return recover_on(SINGLE, progress=progress, **args)
+
+
+def recover_on(dist, student_dir: str, teacher_dir: str, data_path: str, recovery_cfg: dict, removed: list[int],
+               window_range: list[int], out_dir: str, device: str, extra_range: list[int] | None = None,
+               dtype: str = "auto", progress=None) -> dict:
+    """What each process of `recover` runs (`dist`: its place among them); rank 0 alone measures and saves."""
+    from iterabre.models import save_model, working_dtype
     from iterabre.reconstruct import relative_hidden_error
     from iterabre.recovery import recover as run_recovery
 
-    student, tokenizer = _load(student_dir, device)
-    teacher, _ = _load(teacher_dir, device)
+    place, dtype = dist.place(device), working_dtype(dtype, device)
+    student, tokenizer = _load(student_dir, place, dtype)
+    teacher, _ = _load(teacher_dir, place, dtype)
     data = load_data(data_path)
     ids = data["recovery"][window_range[0]:window_range[1]]  # [n, T] this step's share
     if extra_range is not None:
         ids = torch.cat([ids, data["recovery"][extra_range[0]:extra_range[1]]])  # [n + m, T]
     held = data["heldout"]
-    error_before = relative_hidden_error(student, teacher, held, _mask(held))
+    lead = dist.rank == 0
+    error_before = relative_hidden_error(student, teacher, held, _mask(held)) if lead else None
     result = run_recovery(student, teacher, ids, _mask(ids), RecoveryConfig(**recovery_cfg), list(removed),
-                          progress=progress, device=device, heldout_ids=held, heldout_mask=_mask(held))
+                          progress=progress, device=place, heldout_ids=held, heldout_mask=_mask(held), dist=dist)
+    if not lead:  # only rank 0's student is sure to hold the result (FSDP gathers it there)
+        return {}
     # Every method reports the same quality yardstick: how far the final hidden states are
     # from the teacher's on held-out text (issue: compare none / reconstruct / kd by it).
     record = result.to_dict()

@@ -86,18 +86,35 @@ def test_mlflow_parent_and_child_runs(job):
     assert "checkpoint/model.safetensors" in [a.path for a in client.list_artifacts(first.info.run_id, "checkpoint")]
 
 
-def test_registered_version_resolves_offline(job):
+def test_registered_version_is_an_mlflow_model_with_lineage(job):
     import mlflow
-    from transformers import AutoModelForCausalLM
 
     cfg, report = job
     reg = report["registry"]
     assert reg["name"] == tracking.registered_name(cfg.model) and reg["alias"] == "champion"
-    version = _client().get_model_version_by_alias(reg["name"], "champion")
+    assert report["promotion"]["alias"] == "champion" and report["promotion"]["gates"] == "champion"
+    client = _client()
+    version = client.get_model_version_by_alias(reg["name"], "champion")
     assert version.run_id == report["mlflow_run_id"] and int(version.version) == reg["version"]
-    local = mlflow.artifacts.download_artifacts(f"models:/{reg['name']}@champion")
-    model = AutoModelForCausalLM.from_pretrained(local)
-    assert model.config.num_hidden_layers == 4
+    tags = version.tags
+    assert tags["iterabre.base_model"] == cfg.model and tags["iterabre.num_layers"] == "4"
+    assert tags["iterabre.removed_blocks"] == ",".join(map(str, report["removed_layers"]))
+    assert int(tags["iterabre.num_params"]) == report["num_parameters"]["final"] < report["num_parameters"]["base"]
+    assert float(tags["final/wikitext/word_perplexity"]) == report["final_eval"]["wikitext"]["word_perplexity"]
+    run_tags = client.get_run(report["mlflow_run_id"]).data.tags
+    assert tags["prefect.flow_run_id"] == run_tags["prefect.flow_run_id"] != "none"
+    assert tags["git.commit"] == run_tags["git.commit"] and tags["data.md5"] == report["data_version"]["md5"]
+    assert tags["iterabre.promotion"] == "champion" and tags["iterabre.promotion_reason"] == "; ".join(reg["reasons"])
+    generate = mlflow.pyfunc.load_model(f"models:/{reg['name']}@champion")
+    assert generate.predict(["Hello"], params={"max_new_tokens": 3})[0].startswith("Hello")
+
+
+def test_model_card_in_final(job):
+    cfg, report = job
+    card = (Path(cfg.output) / "final" / "README.md").read_text()
+    assert card.startswith("---\nlicense: unknown\n")  # a local folder without a licence of its own
+    assert f"removal order): {', '.join(map(str, report['removed_layers']))}" in card
+    assert "| wikitext | word_perplexity |" in card and f"models:/{report['registry']['name']}@champion" in card
 
 
 def test_failing_gate_gives_challenger():
