@@ -523,11 +523,12 @@ def equal_unit(name: str, s: dict, work: Path, removed: list[int] | None) -> dic
     report = common.run_flow(cfg)
     ev = evaluate_saved(report["final_dir"], s["eval"], s)
     shutil.rmtree(out, ignore_errors=True)
-    phases = [{key: p["recovery"].get(key) for key in (*RECOVERY_KEYS, "flops")} for p in common.recovery_phases(report)]
+    phases = [{key: p["recovery"].get(key) for key in (*RECOVERY_KEYS, "flops")}
+              for p in common.recovery_phases(report)]
     rec_flops = measured_recovery_flops(report, s)
+    kd_tokens = plan["fields"]["recovery_tokens"] if "kd" in plan["recovery"]["method"] else 0
     return {"label": name, "feasible": True, "plan": plan, "removed": report["removed_layers"],
-            "recovery": phases, "kd_tokens": plan["fields"]["recovery_tokens"] if "kd" in plan["recovery"]["method"]
-            else 0, "scoring_flops": plan["scoring"], "recovery_flops": rec_flops,
+            "recovery": phases, "kd_tokens": kd_tokens, "scoring_flops": plan["scoring"], "recovery_flops": rec_flops,
             "total_flops": plan["scoring"] + rec_flops, "eval": ev, **headline(ev),
             "seconds": time.perf_counter() - start}
 

@@ -52,8 +52,11 @@ def load_model(spec: str, revision: str | None = None, device: str = "cpu", dtyp
 
 
 def working_dtype(dtype, device: str):
-    """'auto' -> 'bfloat16' on CUDA (half the memory, tensor cores), 'float32' elsewhere (CPU bf16 is slow
-    without AMX/AVX512-BF16); any other value is returned as is."""
+    """'auto' -> 'bfloat16' on CUDA (half the memory, tensor cores), 'float32' elsewhere; any other value as is.
+
+    Not bf16 on the CPU: without AVX512-BF16/AMX a bf16 matmul ran 60x slower than float32 on this
+    project's 2-core test machine (docs/SCALING.md, Processes and dtypes).
+    """
     if dtype == "auto":
         return "bfloat16" if str(device).startswith("cuda") else "float32"
     return dtype

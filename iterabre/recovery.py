@@ -578,7 +578,7 @@ def _recover_reconstruct_kd(job: RecoveryJob) -> RecoveryResult:
 
 
 def _recover_block_recon(job: RecoveryJob) -> RecoveryResult:
-    """Block-wise reconstruction with global propagation: Adam on the kept block(s) at each gap (iterabre.blockrecon)."""
+    """Block-wise reconstruction, global propagation: Adam on the kept block(s) at each gap (iterabre.blockrecon)."""
     from iterabre.blockrecon import block_recon
 
     device = torch.device(job.device)
@@ -590,11 +590,12 @@ def _recover_block_recon(job: RecoveryJob) -> RecoveryResult:
     after = kd_loss_on(job.student, job.teacher, eval_ids, eval_mask, job.cfg)
     seconds = time.perf_counter() - start
     aborted = [u["reason"] for u in info.units if u["reason"]]
+    details = {k: v for k, v in dataclasses.asdict(info).items() if k != "losses"}  # losses: the result's own
     return RecoveryResult(method="block-recon", trainable=job.cfg.block_recon_blocks, loss_before=before,
                           loss_after=after, losses=info.losses, tokens=info.tokens, steps=info.steps,
                           seconds=seconds, tokens_per_s=info.tokens_seen / info.seconds if info.seconds else 0.0,
                           aborted=bool(aborted), reason="; ".join(aborted), peak_mem_mb=peak_mb(device, mem),
-                          extra={"block_recon": dataclasses.asdict(info)})
+                          extra={"block_recon": details})
 
 
 def _recover_block_recon_kd(job: RecoveryJob) -> RecoveryResult:

@@ -21,6 +21,9 @@ module holds what that walk needs besides the scoring math:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import json
 import math
 import os
@@ -132,6 +135,28 @@ def _move_buffers(module: nn.Module, device, skip: nn.Module | None = None) -> N
                 sub._buffers[name] = buf.to(device)
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim, or None where there is none (macOS, musl)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS.
+
+    Without it glibc keeps a freed block's 16 MiB attention matrices in its heap (they fall under
+    its grown mmap threshold) and fragmentation keeps them there: measured on the 1.1B Llama,
+    RSS grew 16-32 MiB per streamed block (+480 MiB over 22 blocks) while the live tensors stayed
+    at 500 MiB; with a trim after each block it stayed flat.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def meta_parameters(module: nn.Module, skip: nn.Module | None = None) -> list[str]:
     """Names of parameters still on the meta device (never loaded), outside `skip`."""
     skipped = {id(p) for p in skip.parameters()} if skip is not None else set()
@@ -206,6 +231,7 @@ class FolderSource:
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()  # the head shares the (now loaded) input embedding again
         _move_buffers(self.model, self.device, skip=self.blocks)
+        release_freed_memory()  # the checkpoint-dtype copies read for the conversion
         missing = meta_parameters(self.model, skip=self.blocks)
         if missing:
             raise IterabreError(f"{self.folder} has no tensors for {', '.join(missing[:3])}"
@@ -240,6 +266,7 @@ class FolderSource:
     def unload(self, j: int) -> None:
         """Free block j's weights (back to meta)."""
         _to_meta(self.blocks[j])
+        release_freed_memory()
 
     def close(self) -> None:
         """Nothing stays open between reads."""
@@ -268,12 +295,13 @@ def _header_names(file: Path) -> list[str]:
     return [k for k in header if k != "__metadata__"]
 
 
-def build_shell(folder: Path, dtype: torch.dtype) -> nn.Module:
+def build_shell(folder: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
     """The causal LM of `folder`'s config.json with every parameter on the meta device (no memory)."""
     from transformers import AutoConfig
 
     from iterabre.models import _check_config
 
+    folder = Path(folder)
     _check_config(folder, str(folder), allow_remote_code=False)  # encoders, remote code: one line
     return shell_from_config(AutoConfig.from_pretrained(folder), dtype)
 
