@@ -273,7 +273,7 @@ def test_block_recon_heals_smollm2(smollm2_dir):
     ids, held = parts["recovery"], parts["heldout"]
     one = torch.ones_like
     gap_before = _gap_error(student, teacher, 19, 20, held, one(held))
-    cfg = RecoveryConfig(method="block-recon", block_recon_tokens=1024, block_recon_steps=20, block_recon_lr=3e-4)
+    cfg = RecoveryConfig(method="block-recon", block_recon_tokens=1024, block_recon_steps=20)  # default lr
     result = recover(student, teacher, ids, one(ids), cfg, [20], heldout_ids=held, heldout_mask=one(held))
     gap_after = _gap_error(student, teacher, 19, 20, held, one(held))
     info = result.extra["block_recon"]
