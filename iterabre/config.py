@@ -69,7 +69,7 @@ class RecoveryConfig:
                                          "pairs, from this phase's recovery windows (capped by them).")
     block_recon_steps: int = knob(100, "block-recon: Adam steps per gap.")
     block_recon_lr: float = knob(3e-3, "block-recon: peak Adam learning rate (warmup_frac, lr_schedule as KD; "
-                                       "3e-3 beat 1e-4..1e-3 on SmolLM2, docs/BENCHMARKS.md).")
+                                       "3e-3 beat 1e-4..1e-3 in a short SmolLM2 sweep).")
     block_recon_batch_size: int = knob(8, "block-recon: windows per Adam step.")
     block_recon_buffer: int = knob(4096, "block-recon: memory cap, tokens of (input, target) pairs held at once; "
                                          "more tokens are captured and trained in chunks.")
