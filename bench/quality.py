@@ -457,6 +457,14 @@ def _whole(tokens: float, unit: int) -> int:
     return max(0, int(tokens // unit) * unit)
 
 
+def capture_tokens(sh: Shapes, s: dict, removed: list[int], budget: float, mb: int) -> int:
+    """block_recon_tokens' default, or fewer whole micro-batches when capturing them would take more than
+    half of block-recon's `budget` (the rest is for its Adam steps)."""
+    checks = block_recon_flops(sh, s, removed, 0, 0)  # held-out gap errors before and after
+    per_token = (block_recon_flops(sh, s, removed, mb, 0) - checks) / mb
+    return min(_whole(_rc_default("block_recon_tokens"), mb), _whole((budget / 2 - checks) / per_token, mb))
+
+
 def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
     """The recipe's knobs that spend the budget, and the FLOPs it is predicted to spend.
 
@@ -480,14 +488,16 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
         tokens = _whole(left / (reconstruct_flops(sh, removed, 1)), mb)
         spent = reconstruct_flops(sh, removed, tokens)
     elif method == "block-recon":
-        tokens = _whole(_rc_default("block_recon_tokens"), mb)
+        tokens = capture_tokens(sh, s, removed, left, mb)
+        rec["block_recon_tokens"] = tokens
         fixed = block_recon_flops(sh, s, removed, tokens, 0)
         per_step = block_recon_flops(sh, s, removed, tokens, 1) - fixed
         rec["block_recon_steps"] = max(0, int((left - fixed) // per_step))
         spent = block_recon_flops(sh, s, removed, tokens, rec["block_recon_steps"])
     elif method == "block-recon+kd":  # half the recovery FLOPs each; block-recon captures from the KD windows
         tokens = _whole(left / 2 / kd_per_token(sh, Ls), mb)
-        rec["block_recon_tokens"] = min(_rc_default("block_recon_tokens"), tokens)
+        rec["block_recon_tokens"] = min(capture_tokens(sh, s, removed, left - tokens * kd_per_token(sh, Ls), mb),
+                                        tokens)
         fixed = block_recon_flops(sh, s, removed, rec["block_recon_tokens"], 0)
         per_step = block_recon_flops(sh, s, removed, rec["block_recon_tokens"], 1) - fixed
         rec["block_recon_steps"] = max(0, int((left - tokens * kd_per_token(sh, Ls) - fixed) // per_step))

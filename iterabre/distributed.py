@@ -129,8 +129,8 @@ class Group(Single):
         return self.device
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        # Strided, so every process gets a share even of a micro-batch with fewer rows than
-        # the group; the loop weights each share by its tokens (see recovery._accumulate).
+        # Strided: shares differ by at most one row (chunks could leave a process empty, e.g. 5
+        # rows over 4 processes as 2, 2, 1, 0); the loop weights each share by its tokens.
         return idx[self.rank::self.world]
 
     def all_sum(self, value: float) -> float:

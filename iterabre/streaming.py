@@ -38,9 +38,8 @@ from iterabre.errors import IterabreError
 from iterabre.surgery import block_list_site
 
 INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-# Streams may take this share of the device memory left after weights (the rest is for block
-# activations and allocator slack); CPU memory is shared with everything else on the machine.
+# Streams may take this share of the memory free when the walk is planned (embedding and head
+# already loaded; the rest is for the resident block, its activations and allocator slack).
 DEVICE_STREAM_SHARE = 0.5
 CPU_STREAM_SHARE = 0.5
 # Candidate streams batched into one block call may use this much activation memory by default.
@@ -56,7 +55,7 @@ _MISMATCH_FIX = "its weights and config.json come from different models; copy or
 
 def blocks_path(model: nn.Module) -> str:
     """Dotted path of the decoder-block ModuleList inside `model`, e.g. 'model.layers', 'transformer.h'."""
-    parent, name, blocks = block_list_site(model)
+    _, _, blocks = block_list_site(model)
     for path, module in model.named_modules():
         if module is blocks:
             return path
@@ -219,6 +218,7 @@ class FolderSource:
         check_model_folder(self.folder)  # one-line errors for damaged files, before anything is built
         self.files = tensor_files(self.folder)  # tensor name -> file
         self.model = build_shell(self.folder, dtype)
+        self.mapping = conversion_mapping(self.model)
         self.blocks = block_list_site(self.model)[2]
         self.groups = group_by_block(list(self.files), self.model)
         check_blocks_match(self.groups, len(self.blocks), str(self.folder))
@@ -227,7 +227,7 @@ class FolderSource:
     def _load_rest(self) -> None:
         """Embedding, final norm, LM head and every other non-block weight onto the device."""
         with torch.inference_mode(False):  # loaded as ordinary tensors: transformers makes Parameters of them
-            _assign(self.model, self._read(self.groups.get(None, [])), self.device, self.dtype)
+            _assign(self.model, self._read(self.groups.get(None, [])), self.device, self.dtype, self.mapping)
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()  # the head shares the (now loaded) input embedding again
         _move_buffers(self.model, self.device, skip=self.blocks)
@@ -247,15 +247,20 @@ class FolderSource:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for file, keys in by_file.items():
-            with safe_open(str(file), framework="pt") as f:
-                out.update({k: f.get_tensor(k) for k in keys})
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    out.update({k: f.get_tensor(k) for k in keys})
+            except Exception as e:  # SafetensorError: the index names a tensor its shard does not hold
+                raise IterabreError(f"{file} cannot give the tensors its index assigns to it "
+                                    f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}).",
+                                    "its shard index and shards disagree; copy or save the folder again") from None
         return out
 
     def load(self, j: int) -> nn.Module:
         """Block j's weights read from disk onto the device (converted like from_pretrained does)."""
         block = self.blocks[j]
         with torch.inference_mode(False):  # loaded as ordinary tensors: transformers makes Parameters of them
-            _assign(self.model, self._read(self.groups[j]), self.device, self.dtype)
+            _assign(self.model, self._read(self.groups[j]), self.device, self.dtype, self.mapping)
         missing = meta_parameters(block)
         if missing:
             raise IterabreError(f"{self.folder} has no tensors for {', '.join(missing[:3])} of block {j}.",
@@ -336,31 +341,42 @@ def _quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
-    """Put checkpoint tensors into the shell's parameters on `device`, applying transformers' conversions.
+def conversion_mapping(model: nn.Module) -> list | None:
+    """transformers' checkpoint conversions for this model (built once: it compiles many patterns).
 
     transformers >= 5 saves some layouts differently from the modules (Mixtral / Qwen3-MoE experts
-    are stored one tensor per expert and fused on load): its loader does that conversion, so it is
-    used here on just these tensors. Older versions load names as they are.
+    are stored one tensor per expert and fused on load); None on older versions, which load
+    checkpoint names as they are.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:
+        return None
+    return get_model_conversion_mapping(model)
+
+
+def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+            mapping: list | None) -> None:
+    """Put checkpoint tensors into the shell's parameters on `device`, converted as from_pretrained would.
+
+    transformers' own loader does the conversion (`mapping`, see conversion_mapping) on just
+    these tensors, so a block gets exactly the weights `from_pretrained` would give it.
     """
     if not tensors:
         return
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
-    except ImportError:  # transformers 4.x: checkpoint names are module names
+    if mapping is None:
         return _assign_by_name(model, tensors, device, dtype)
-    config = LoadStateDictConfig(device_map={"": str(device)}, dtype=dtype,
-                                 weight_mapping=get_model_conversion_mapping(model))
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    config = LoadStateDictConfig(device_map={"": str(device)}, dtype=dtype, weight_mapping=mapping)
     with _quiet_loading():
         info, _ = convert_and_load_state_dict_in_model(model, tensors, config)
     problems = sorted(info.unexpected_keys) + [str(k[0]) for k in info.mismatched_keys]
     if problems or info.conversion_errors:
         what = problems[:3] or list(info.conversion_errors)[:3]
         raise IterabreError(f"tensors {', '.join(map(str, what))} do not fit the model its config.json describes "
-                            "(unknown names or other shapes).",
-                            _MISMATCH_FIX)
+                            "(unknown names or other shapes).", _MISMATCH_FIX)
 
 
 def _assign_by_name(model, tensors, device, dtype) -> None:

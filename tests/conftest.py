@@ -114,3 +114,13 @@ def prefect_server(session_tmp):
     finally:
         stop_process_group(proc, timeout=20)
         log.close()
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_global_uri_not_leaked():
+    """A test that sets mlflow's global tracking URI must unset it: later tests would reach its (stopped) server."""
+    yield
+    from mlflow.tracking._tracking_service import utils
+
+    leaked, utils._tracking_uri = utils._tracking_uri, None
+    assert leaked is None, f"this test left mlflow's global tracking URI set to {leaked}"

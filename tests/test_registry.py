@@ -225,12 +225,15 @@ def mlflow_server(tmp_path_factory):
 def server_client(mlflow_server, monkeypatch):
     """A client of the test server; the CLI and mlflow's own loaders see it through MLFLOW_TRACKING_URI."""
     import mlflow
+    from mlflow.tracking._tracking_service import utils
 
+    # mlflow.get_tracking_uri() would read the patched variable back: keep the global itself (usually
+    # unset), or every later in-process test would talk to this server after it has stopped.
+    previous = utils._tracking_uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(mlflow_server)
     yield tracking.connect()
-    mlflow.set_tracking_uri(previous)
+    mlflow.set_tracking_uri(previous)  # None also unsets the variable; monkeypatch then restores it
 
 
 @pytest.mark.slow

@@ -87,6 +87,23 @@ def test_streamed_runs_of_blocks_after_removal(family, tmp_path):
         assert list(got) == [0, 2, 3, 4] and got.order == [0, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("conversions", [True, False])
+def test_checkpoint_names_with_and_without_the_base_prefix(conversions, tmp_path, monkeypatch):
+    # GPT-2 saves 'transformer.h.0...'; hub checkpoints of it drop the 'transformer.' prefix.
+    # Without transformers' conversions (4.x has none) tensors are assigned by name.
+    if not conversions:
+        monkeypatch.setattr(streaming, "conversion_mapping", lambda model: None)
+    model = _model("gpt2")
+    model.save_pretrained(tmp_path)
+    ids, mask = _calib()
+    want = naive_scores(model, ids, mask, scorer="perplexity", batch_size=2)
+    _assert_same(streamed_scores(tmp_path, ids, mask, scorer="perplexity", batch_size=2, device="cpu"), want)
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    _assert_same(streamed_scores(tmp_path, ids, mask, scorer="perplexity", batch_size=2, device="cpu"), want)
+
+
 def test_each_block_is_read_once_and_alone_on_the_device(tmp_path, monkeypatch):
     model = _model("qwen2")
     model.save_pretrained(tmp_path)
@@ -190,13 +207,21 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
     _one_line_error(renamed, "model.layers.2.mlp.gate.weight")
 
 
-def test_sharded_index_that_misses_a_block_is_refused(tmp_path):
-    _model("llama").save_pretrained(tmp_path, max_shard_size="40KB")
-    index_path = tmp_path / "model.safetensors.index.json"
+def test_sharded_index_that_misses_a_block_or_points_elsewhere_is_refused(tmp_path):
+    for folder in (tmp_path / "missing", tmp_path / "elsewhere"):
+        _model("llama").save_pretrained(folder, max_shard_size="40KB")
+    index_path = tmp_path / "missing" / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     index["weight_map"] = {k: v for k, v in index["weight_map"].items() if ".layers.3." not in k}
     index_path.write_text(json.dumps(index))
-    _one_line_error(tmp_path, r"no tensors for block\(s\) 3 of the 6")
+    _one_line_error(tmp_path / "missing", r"no tensors for block\(s\) 3 of the 6")
+    index_path = tmp_path / "elsewhere" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = "model.layers.2.input_layernorm.weight"
+    index["weight_map"][name] = next(f for f in sorted(set(index["weight_map"].values()))
+                                     if f != index["weight_map"][name])
+    index_path.write_text(json.dumps(index))
+    _one_line_error(tmp_path / "elsewhere", "does not contain tensor model.layers.2.input_layernorm.weight")
 
 
 def test_memory_formula_reads_shapes_only(tmp_path):
