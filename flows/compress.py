@@ -253,8 +253,9 @@ def iteration(run: Run, step: int, current: dict, base: dict, data: dict, k: int
     if not run.opts.keep_pruned:
         shutil.rmtree(pruned["path"], ignore_errors=True)
     ev = _evaluate(run, healed) if run.opts.eval_every_step else {}
-    record = {"step": step, "removed": remove, "scores": scored["scores"], "num_layers": healed["num_layers"],
-              "recovery": healed["recovery"], "eval": ev, "checkpoint": healed["path"],
+    record = {"step": step, "removed": remove, "scores": scored["scores"], "score_flops": scored.get("flops"),
+              "num_layers": healed["num_layers"], "recovery": healed["recovery"], "eval": ev,
+              "checkpoint": healed["path"],
               **_recovery_fields(run, teacher, budget, data, [window, extra_window])}
     return healed, record
 
@@ -390,6 +391,7 @@ def _report(run: Run, base: dict, final: dict, base_eval: dict, final_eval: dict
             "final_eval": final_eval, "steps": records, "final_dir": final["path"],
             "promotion": {"alias": alias, "reasons": reasons}, "mlflow_run_id": run.job.run_id,
             "budget": _budget_summary(budget, records, final_rec), "final_recovery": final_rec,
+            "compute": _compute_summary(records, final_rec),
             "data_split": (data or {}).get("split"), **_card_facts(run, base, final)}
 
 
@@ -402,6 +404,16 @@ def _card_facts(run: Run, base: dict, final: dict) -> dict:
                                "final": modelcard.parameter_count(final["path"])},
             "licence": modelcard.base_licence(run.cfg.model, run.cfg.revision),
             "base_hub_id": modelcard.base_hub_id(run.cfg.model)}
+
+
+def _compute_summary(records: list, final_rec: dict | None) -> dict:
+    """The job's FLOPs by phase, summed over its steps (counted from shapes, see iterabre.flops).
+
+    Evaluation is left out: it does not depend on the recipe, only on the tasks asked for.
+    """
+    scoring = sum(r.get("score_flops") or 0 for r in records)
+    recovery = sum(r["recovery"].get("flops") or 0 for r in records + ([final_rec] if final_rec else []))
+    return {"scoring_flops": scoring, "recovery_flops": recovery, "total_flops": scoring + recovery}
 
 
 def _budget_summary(budget: dict | None, records: list, final_rec: dict | None) -> dict | None:

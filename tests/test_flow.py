@@ -52,6 +52,11 @@ def test_output_layout_and_report(job):
     assert (out / "report.md").exists()
     step = on_disk["steps"][0]
     assert len(step["scores"]) == 6 and step["num_layers"] == 5 and step["recovery"]["tokens"] >= 128
+    compute = on_disk["compute"]  # FLOPs per phase, summed over the steps
+    assert all(s["score_flops"] > 0 and s["recovery"]["flops"] > 0 for s in on_disk["steps"])
+    assert compute["scoring_flops"] == sum(s["score_flops"] for s in on_disk["steps"])
+    assert compute["recovery_flops"] == sum(s["recovery"]["flops"] for s in on_disk["steps"])
+    assert compute["total_flops"] == compute["scoring_flops"] + compute["recovery_flops"]
 
 
 def test_final_model_keeps_original_block_numbers(job):

@@ -123,7 +123,9 @@ def test_report_states_teacher_budget_final_phase_and_disjoint_token_ranges(repo
              "recovery": {"loss_before": 0.9, "loss_after": 0.8, "tokens": 1024, "seconds": 1.0},
              "recovery_windows": [global_windows(split, (64, 72))]}
     budget = {"schedule": "final", "total": 9216, "used": [4096, 4096, 1024], "used_total": 9216}
-    text = render_markdown({**report, "steps": steps, "final_recovery": final, "budget": budget, "data_split": split})
+    compute = {"scoring_flops": 2.5e12, "recovery_flops": 10e12, "total_flops": 12.5e12}
+    text = render_markdown({**report, "steps": steps, "final_recovery": final, "budget": budget, "data_split": split,
+                            "compute": compute})
     _, table = _tables(text)
     assert [r[0] for r in table[1:]] == ["1", "2", "final-recovery"]
     assert [r[-3:] for r in table[1:]] == [["base", "4096", "4–36"], ["base", "4096", "36–68"],
@@ -132,6 +134,7 @@ def test_report_states_teacher_budget_final_phase_and_disjoint_token_ranges(repo
     assert "recovery [4, 68) = 8,192 tokens" in text and "seed 3" in text and "of its 500 windows" in text
     assert "`final` schedule, 9,216 tokens given, 9,216 trained (per phase: 4,096, 4,096, 1,024)" in text
     assert "- Teacher: base" in text and "never wikitext-2 valid" in text
+    assert "- Compute: 12.50 TFLOP (scoring 2.50, recovery 10.00; evaluation not counted)" in text
 
 
 def test_base_at_chance_is_flagged(report):

@@ -159,6 +159,11 @@ def data_lines(report: dict) -> list[str]:
         used = ", ".join(f"{u:,}" for u in budget.get("used", []))
         lines.append(f"- Recovery budget: `{budget['schedule']}` schedule, {budget['total']:,} tokens given, "
                      f"{budget.get('used_total', 0):,} trained (per phase: {used}).")
+    compute = report.get("compute")
+    if compute and compute.get("total_flops"):
+        lines.append(f"- Compute: {compute['total_flops'] / 1e12:,.2f} TFLOP (scoring "
+                     f"{compute['scoring_flops'] / 1e12:,.2f}, recovery {compute['recovery_flops'] / 1e12:,.2f}; "
+                     "evaluation not counted).")
     teachers = sorted({str(s["teacher"]) for s in report.get("steps", []) if s.get("teacher")})
     if teachers:
         lines.append(f"- Teacher: {' / '.join(teachers)} ('base' = the unpruned model; 'previous' = the "
