@@ -12,7 +12,8 @@ from __future__ import annotations
 import common
 
 MODELS = ("llama-3.1-8b", "qwen2.5-7b", "llama-3.1-70b")
-SETUPS = {"1 GPU": dict(num_processes=1, fsdp=False), "8 GPUs, FSDP2": dict(num_processes=8, fsdp=True)}
+SETUPS = {"1 GPU": dict(num_processes=1, fsdp=False), "8 GPUs, FSDP2": dict(num_processes=8, fsdp=True),
+          "8 GPUs, FSDP2, --eval-parallelize": dict(num_processes=8, fsdp=True, eval_parallelize=True)}
 TRAINABLE = ("all", "lora", "adjacent")
 # One sequence per GPU on 8 GPUs; the same global batch on one. A quarter of the blocks removed.
 SIZES = dict(batch_size=8, seq_len=512, ratio=0.75)

@@ -1,103 +1,137 @@
-"""Print the latest bench/results/*.json as Markdown tables, for pasting into docs/BENCHMARKS.md.
+"""The latest bench/results/*.json as Markdown: the blocks of docs/BENCHMARKS.md and the README's glance table.
 
-    .venv/bin/python bench/render.py [scoring recovery pruned_speed overhead quality budget_study base_eval
-                                      plans planner]
+A doc embeds a rendered block between `<!-- render:NAME:start -->` and `<!-- render:NAME:end -->`
+(NAME: a result file such as `scoring-streamed`, or `costs`), the glance table between
+`<!-- glance:start -->` and `<!-- glance:end -->`; tests/test_docs.py re-renders every block and
+compares. After a new run, `--update` rewrites every marked block in README.md and docs/*.md.
+
+    .venv/bin/python bench/render.py [NAME ...]    # print blocks (default: every result file's)
+    .venv/bin/python bench/render.py glance        # the glance table
+    .venv/bin/python bench/render.py --update      # re-render every marked block in the docs in place
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import common
 
 
 def md(columns: list[str], rows: list[list]) -> str:
-    """A Markdown table; columns empty in every row are left out (they say nothing)."""
+    """A Markdown table. Columns empty in every row are left out (they say nothing); with two rows or
+    more, a column with the same cell in every row is left out too and stated once above the table."""
     keep = [i for i in range(len(columns)) if any(row[i] not in (None, "") for row in rows)] if rows else \
         list(range(len(columns)))
+    same = [i for i in keep[1:] if len(rows) >= 2 and len({common.fmt(row[i]) for row in rows}) == 1]
+    caption = "In every row: " + "; ".join(f"{columns[i]} {common.fmt(rows[0][i])}" for i in same) + ".\n\n" \
+        if same else ""
+    keep = [i for i in keep if i not in same]
     columns, rows = [columns[i] for i in keep], [[row[i] for i in keep] for row in rows]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(common.fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return caption + "\n".join(lines)
 
 
-def machine_line(m: dict) -> str:
-    """One line saying where and when the numbers were taken."""
-    load = m.get("load_avg_1m") or {"start": m.get("load_avg_1m_at_start"), "end": "?"}
-    return (f"_{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} thread(s)), "
-            f"transformers {m['transformers']}, {m['date']}, commit {m['git']['commit'][:8]}"
-            f"{' + uncommitted changes' if m['git']['dirty'] else ''}, load average {load.get('start')} -> "
-            f"{load.get('end')}_")
+def machine_line(m: dict, quick: bool = False) -> str:
+    """One line naming the run the numbers come from: date, commit, machine, threads, load."""
+    load = m.get("load_avg_1m")
+    load = (f"load average {load.get('start')} at the start, {load.get('end')} at the end" if load else
+            f"load average {m.get('load_avg_1m_at_start')} at the start")
+    threads = m["torch_threads"]
+    return (f"_Run of {m['date'][:16].replace('T', ' ')} UTC{' (`--quick` sizes)' if quick else ''}, commit "
+            f"{m['git']['commit'][:8]}{' with uncommitted changes' if m['git']['dirty'] else ''}; {m['cpu']}, "
+            f"{m['cores']} cores, {threads} torch thread{'s' if threads != 1 else ''}, torch {m['torch']}, "
+            f"transformers {m['transformers']}; {load}._")
+
+
+def _peak(mem: dict) -> float | None:
+    """A memory child's whole-process peak RSS: loading the model or scoring, whichever was higher."""
+    peaks = [mem[k] for k in ("load_peak_mb", "peak_mb") if mem.get(k) is not None]
+    return max(peaks) if peaks else None
 
 
 def scoring(d: dict) -> str:
     """Scorer tables: per model and implementation, plus the streamed scorer's memory formula."""
     if not all("impls" in r for r in d["results"].values()):
         return _scoring_fast_naive(d)
-    rows, formulas = [], []
+    rows, formulas, ref = [], [], "fast"
     for model, r in d["results"].items():
         ref, mem = ("fast" if "fast" in r["impls"] else r["impls"][0]), r.get("memory", {})
-        for impl in r["impls"]:
-            stats = r.get(f"{impl}_over_{ref}", {})
-            same = r.get(f"{impl}_same_ranking")
+        for impl in r["impls"]:  # the reference against itself: ratio 1, no difference, same ranking
+            stats = {"paired": 1.0, "best": 1.0} if impl == ref else r.get(f"{impl}_over_{ref}", {})
+            same = True if impl == ref else r.get(f"{impl}_same_ranking")
             rows.append([model, impl, r["num_blocks"], f"{r['sizes']['windows']}x{r['sizes']['seq_len']}",
-                         r["median_s"][impl], stats.get("paired"), stats.get("best"), r.get(f"{impl}_max_abs_diff"),
-                         None if same is None else ("yes" if same else "NO"),
-                         mem.get(impl, {}).get("peak_mb"), mem.get(impl, {}).get("scoring_mb")])
+                         r["median_s"][impl], stats.get("paired"), stats.get("best"),
+                         0.0 if impl == ref else r.get(f"{impl}_max_abs_diff"),
+                         None if same is None else ("yes" if same else "NO"), _peak(mem.get(impl, {})),
+                         mem.get(impl, {}).get("scoring_mb")])
         f = r.get("formula_mib")
         if f:
-            target = f["blocks"] + f["streams"] + f["embedding_head"]
-            formulas.append([model, f["one_block"], f["blocks"], f["streams"], f["embedding_head"], target,
-                             f["activations"], f["per_call"], f["total"],
-                             mem.get("streamed", {}).get("scoring_mb"), f["whole_model"],
-                             mem.get("fast", {}).get("peak_mb")])
-    table = md(["model", "impl", "blocks", "tokens", "median s", "ratio to fast (paired median)",
-                "ratio to fast (min t)", "max abs score diff to fast", "same ranking", "peak RSS MiB",
-                "+MiB scoring"], rows)
+            formulas.append([model, f["whole_model"], f["blocks"], f["streams"], f["embedding_head"],
+                             f["activations"], f["total"], mem.get("streamed", {}).get("scoring_mb")])
+    table = md(["model", "impl", "blocks", "tokens", "median s", f"time / {ref} (paired median)",
+                f"time / {ref} (fastest calls)", f"max abs score diff to {ref}", f"same ranking as {ref}",
+                "peak RSS MiB (loading or scoring)", "+MiB while scoring"], rows)
     if not formulas:
         return table
-    return table + "\n\nStreamed scorer memory (MiB): formula parts vs measured:\n\n" + md(
-        ["model", "one block", "2 blocks", "streams", "embedding/head", "2 blocks + streams + emb/head",
-         "block call activations", "candidates per call", "formula total", "measured +MiB (streamed)",
-         "whole model fp32", "fast path peak RSS"], formulas)
+    title = "Streamed scorer memory (MiB): `iterabre.streaming.streamed_memory`'s parts and total vs measured"
+    return f"{table}\n\n{title}:\n\n" + md(
+        ["model", "whole model (fp32)", "2 blocks", "streams", "embedding + head", "one block call's activations",
+         "formula total", "measured +MiB"], formulas)
 
 
 def _scoring_fast_naive(d: dict) -> str:
-    """fast vs naive scorer table (result files from before the streamed scorer)."""
+    """fast vs naive scorer table (result files written before the streamed scorer)."""
     rows = []
     for model, r in d["results"].items():
         mem = r.get("memory", {})
         rows.append([model, r["num_blocks"], f"{r['sizes']['windows']}x{r['sizes']['seq_len']}",
                      r["median_s"]["fast"], r["median_s"]["naive"], r["ratio_fast_over_naive"],
                      r["ratio_stats"]["best"] if "ratio_stats" in r else None, r["max_abs_score_diff"],
-                     mem.get("fast", {}).get("peak_mb"), mem.get("naive", {}).get("peak_mb"),
-                     mem.get("fast", {}).get("scoring_mb"), mem.get("naive", {}).get("scoring_mb")])
-    return md(["model", "blocks", "tokens", "fast s (median)", "naive s (median)", "fast/naive (paired median)",
-               "fast/naive (min t)", "max abs score diff", "fast peak RSS MiB", "naive peak RSS MiB",
-               "fast +MiB", "naive +MiB"], rows)
+                     {True: "yes", False: "NO"}.get(r.get("same_ranking")), mem.get("fast", {}).get("peak_mb"),
+                     mem.get("naive", {}).get("peak_mb"), mem.get("fast", {}).get("scoring_mb"),
+                     mem.get("naive", {}).get("scoring_mb")])
+    return md(["model", "blocks", "tokens", "fast s (median)", "naive s (median)", "fast / naive (paired median)",
+               "fast / naive (fastest calls)", "max abs score diff", "same ranking", "fast peak RSS MiB",
+               "naive peak RSS MiB", "fast +MiB", "naive +MiB"], rows)
 
 
 def recovery(d: dict) -> str:
     """recover() vs Trainer table."""
     s, mem = d["summary"], d.get("memory", {})
     steady, mfu = [f"steady_{c}_tokens_per_s" for c in ("wall", "cpu")], d.get("mfu", {})
-    rows = [[v, s[v]["tokens"], s[v]["train_tokens_per_s"], s[v]["call_tokens_per_s"],
+    rows = [[v, s[v]["train_tokens_per_s"], s[v]["call_tokens_per_s"],
              *[s[v].get(k) for k in steady], mfu.get(f"{v}_mfu"), mem.get(v, {}).get("peak_mb"),
              mem.get(v, {}).get("training_mb")] for v in ("iterabre", "hf_trainer")]
-    rows.append(["iterabre / Trainer", None, s["ratio_train_tokens_per_s"], s["ratio_call_tokens_per_s"],
+    rows.append(["iterabre / Trainer", s["ratio_train_tokens_per_s"], s["ratio_call_tokens_per_s"],
                  *[s.get(f"ratio_{k}") for k in steady], None, None, None])
-    return md(["variant", "tokens per run", "train-loop tok/s", "whole-call tok/s", "steady-state tok/s",
-               "steady-state CPU tok/s", "MFU", "peak MiB", "+MiB while training"], rows)
+    z = d.get("sizes", {})
+    head = (f"{s['iterabre']['tokens']} tokens per run ({z.get('steps')} optimizer steps of {z.get('batch_size')} x "
+            f"{z.get('seq_len')} tokens), {z.get('repeats')} runs per variant.") if z else ""
+    note = f" {d['memory_note'][0].upper()}{d['memory_note'][1:]}." if d.get("memory_note") else ""
+    return (head + note + "\n\n" if head or note else "") + md(
+        ["variant", "train-loop tok/s", "whole-call tok/s", "steady-state tok/s", "steady-state CPU tok/s", "MFU",
+         "peak RSS MiB", "+MiB while training"], rows)
 
 
 def pruned_speed(d: dict) -> str:
-    """24 vs 30 block speed table."""
-    rows = [[k, r["base_tokens_per_s"], r["pruned_tokens_per_s"], r["speedup"], r["speedup_stats"]["best"]
-             if "speedup_stats" in r else None, d["block_ideal"], r["fraction_of_block_ideal"], d["matmul_ideal"],
-             r["fraction_of_matmul_ideal"]] for k, r in d["results"].items()]
-    return md(["pass", "30-block tok/s", "24-block tok/s", "speed-up (paired median)", "speed-up (min t)",
-               "ideal 30/24", "fraction of ideal", "matmul ideal", "fraction of matmul ideal"], rows)
+    """24 vs 30 block speed table; the speed-ups are recomputed from the per-call seconds (paired)."""
+    rows = []
+    for kind, r in d["results"].items():
+        base, pruned = r["seconds"]["base"], r["seconds"]["pruned"]
+        st, n = common.ratio_stats(base, pruned), r["tokens_per_call"]
+        rows.append([kind, n, n / min(base), n / min(pruned), st["paired"], st["best"],
+                     f"{min(st['pairs']):.2f}-{max(st['pairs']):.2f}", st["paired"] / d["block_ideal"],
+                     st["paired"] / d["matmul_ideal"]])
+    b, p = d["base_blocks"], d["pruned_blocks"]
+    head = (f"Ideal speed-up {b}/{p} = {d['block_ideal']:.3g} (all compute in the blocks); matmul ideal "
+            f"{d['matmul_ideal']:.4g} (also counts the LM head, which removing blocks does not shrink). "
+            f"{len(base)} alternating rounds per pass.\n\n")
+    return head + md(["pass", "tokens per call", f"{b}-block tok/s (fastest call)", f"{p}-block tok/s (fastest call)",
+                      "speed-up (paired median)", "speed-up (fastest calls)", "speed-up per round",
+                      f"fraction of {b}/{p}", "fraction of matmul ideal"], rows)
 
 
 def overhead(d: dict) -> str:
@@ -126,26 +160,39 @@ def overhead(d: dict) -> str:
 
 
 def quality(d: dict) -> str:
-    """The quality table plus per-language XCOPA."""
-    from quality import XCOPA_LANGS, _pm
+    """The quality table: one row per method (per-language XCOPA: bench/quality.py --report-only)."""
+    from quality import _pm
 
-    rows, langs = [], []
-    for uid, u in d["units"].items():
-        rows.append([uid, len(u["removed"]), u.get("recovery_tokens", 0), u["wikitext_word_ppl"],
-                     _pm(u["blimp_acc"], u["blimp_stderr"]), _pm(u["xcopa_acc"], u["xcopa_stderr"]), u["avg_acc"],
-                     " ".join(map(str, u["removed"])), u["seconds"] / 60])
-        langs.append([uid] + [_pm(*u["xcopa_langs"][x]) if x in u["xcopa_langs"] else "" for x in XCOPA_LANGS])
-    main = md(["method", "blocks removed", "KD tokens", "wikitext word ppl", "BLiMP acc", "XCOPA acc",
+    rows = [[uid, len(u["removed"]), u.get("recovery_tokens", 0), u["wikitext_word_ppl"],
+             _pm(u["blimp_acc"], u["blimp_stderr"]), _pm(u["xcopa_acc"], u["xcopa_stderr"]), u["avg_acc"],
+             " ".join(map(str, u["removed"])), u["seconds"] / 60] for uid, u in d["units"].items()]
+    return md(["method", "blocks removed", "KD tokens", "wikitext word ppl", "BLiMP acc", "XCOPA acc",
                "avg acc", "removed (original idx)", "minutes"], rows)
-    return main + "\n\nXCOPA per language:\n\n" + md(["method", *XCOPA_LANGS], langs)
+
+
+def recovery_methods(d: dict) -> str:
+    """bench/recovery_methods.py: each healing method on the same pruned model, measured on held-out text."""
+    rows = []
+    for r in d["rows"]:
+        called = r["method"] != "none" and "seconds" in r  # `none` makes no recovery call
+        rows.append([r["method"], r["rel_error"], r["kd_loss"], r["perplexity"], r["seconds"] if called else None,
+                     r.get("peak_mem_mb") if called else None])
+    z = d["sizes"]
+    head = (f"Removed block(s) {', '.join(map(str, d['removed']))}; {z['calib']} calibration windows "
+            f"({d['kd_tokens']} tokens) for every method, {z['heldout']} held-out windows of 128 tokens.\n\n")
+    return head + md(["method", "held-out rel. hidden error", "held-out KD loss", "held-out perplexity",
+                      "seconds", "peak RSS MiB"], rows)
 
 
 def budget_study(d: dict) -> str:
     """The budget study's tables (bench/budget_study.py's own layout); empty experiments left out."""
     import budget_study as bs
 
-    return "\n\n".join(f"{title}:\n\n" + md(columns, rows)
-                        for title, columns, rows in bs.report_tables(d["settings"], d["units"]) if rows)
+    s = d["settings"]
+    titles = {"deep": f"Deep: {s['deep_blocks']} blocks, {s['budget']} KD tokens, seed 0",
+              "large": f"Large budget: {s['blocks']} blocks, {s['budget'] * s['large_factor']} KD tokens, seed 0"}
+    return "\n\n".join(f"{titles.get(title.split()[0], title)}:\n\n" + md(columns, rows)
+                        for title, columns, rows in bs.report_tables(s, d["units"]) if rows)
 
 
 def base_eval(d: dict) -> str:
@@ -203,7 +250,7 @@ def planner_bench(d: dict) -> str:
 
 RENDER = {"scoring": scoring, "recovery": recovery, "pruned_speed": pruned_speed, "overhead": overhead,
           "plans": plans, "planner": planner_bench, "quality": quality, "budget_study": budget_study,
-          "base_eval": base_eval}
+          "base_eval": base_eval, "recovery_methods": recovery_methods}
 
 
 def _mean(units: list[dict], key: str) -> float:
@@ -255,21 +302,139 @@ def glance_from_files() -> str:
     return glance(*(json.loads(common.result_path(n).read_text()) for n in ("quality", "budget_study")))
 
 
+# result file -> its section of docs/BENCHMARKS.md (tests/test_docs.py checks the anchors)
+SECTIONS = {"scoring": "#1-block-scoring", "scoring-streamed": "#1-block-scoring",
+            "recovery": "#2-recovery-throughput", "pruned_speed": "#3-pruned-model-speed", "overhead": "#4-orchestration-overhead",
+            "recovery_methods": "#6-recovery-methods", "planner": "#8-memory-planner"}
+
+
+def _x(value: float) -> str:
+    return f"x{value:.2f}"
+
+
+def costs(files: dict[str, dict]) -> str:
+    """The glance table of what the tool costs: one line per speed / memory benchmark, from its result file."""
+    rows = []
+
+    def row(name: str, what: str, result: str) -> None:
+        section = SECTIONS[name]
+        rows.append([what, result, f"[§{section[1]}]({section})"])
+
+    if "scoring" in files:
+        r = files["scoring"]["results"]
+        row("scoring", "scoring every block: fast path vs naive re-runs",
+            "time " + ", ".join(f"{_x(v['ratio_fast_over_naive'])} ({k}, {v['num_blocks']} blocks)"
+                                for k, v in r.items())
+            + ("; identical scores" if all(v["max_abs_score_diff"] == 0 for v in r.values()) else ""))
+    if "scoring-streamed" in files:
+        r = {k: v for k, v in files["scoring-streamed"]["results"].items() if "streamed_over_fast" in v}
+        text = "time " + ", ".join(f"{_x(v['streamed_over_fast']['paired'])} ({k})" for k, v in r.items())
+        mem = {k: v["memory"] for k, v in r.items() if {"fast", "streamed"} <= set(v.get("memory", {}))}
+        if mem:
+            text += "; peak RSS " + ", ".join(f"{_peak(m['streamed']):.0f} vs {_peak(m['fast']):.0f} MiB ({k})"
+                                              for k, m in mem.items())
+        row("scoring-streamed", "streamed scoring (weights read block by block) vs fast path", text)
+    if "recovery" in files:
+        d = files["recovery"]
+        text = f"{_x(d['summary']['ratio_train_tokens_per_s'])} the training tokens/s"
+        mem = d.get("memory", {})
+        if {"iterabre", "hf_trainer"} <= set(mem):
+            text += f"; peak RSS {mem['iterabre']['peak_mb'] - mem['hf_trainer']['peak_mb']:+.0f} MiB"
+        row("recovery", "KD recovery vs a hand-written Hugging Face Trainer KD loop", text)
+    if "pruned_speed" in files:
+        d = files["pruned_speed"]
+        st = {k: common.ratio_stats(r["seconds"]["base"], r["seconds"]["pruned"])["paired"]
+              for k, r in d["results"].items()}
+        row("pruned_speed", f"speed of the pruned model, {d['pruned_blocks']} of {d['base_blocks']} blocks kept",
+            ", ".join(f"{k} {_x(v)}" for k, v in st.items()) + f" (ideal {_x(d['block_ideal'])}, "
+            f"{_x(d['matmul_ideal'])} counting the LM head)")
+    if "overhead" in files:
+        d = files["overhead"]
+        text = f"+{d['overhead_s']:.1f} s per job"
+        if "api_start" in d:
+            m = d["api_start"]["median_s"]
+            text += (f"; Prefect API start per CLI process {m['cold']['process_s']:.0f} s (fresh PREFECT_HOME), "
+                     f"{m['server']['process_s']:.0f} s with `prefect server start` kept running")
+        row("overhead", "orchestration (Prefect + MLflow) on top of the library steps", text)
+    if "recovery_methods" in files:
+        by = {r["method"]: r for r in files["recovery_methods"]["rows"]}
+        if {"reconstruct", "kd", "none"} <= set(by):
+            n = len(files["recovery_methods"]["removed"])
+            row("recovery_methods", f"healing {n} removed block{'s' if n != 1 else ''} with "
+                f"{files['recovery_methods']['kd_tokens']} tokens: reconstruct vs KD",
+                f"held-out hidden-state error {by['reconstruct']['rel_error']:.2f} in "
+                f"{by['reconstruct']['seconds']:.0f} s vs {by['kd']['rel_error']:.2f} in {by['kd']['seconds']:.0f} s "
+                f"(none: {by['none']['rel_error']:.2f})")
+    if "planner" in files and files["planner"]["units"]:
+        u = files["planner"]["units"]
+        errors = [100 * (x["ratio"] - 1) for x in u.values()]
+        models = sorted({x["model"].split("/")[-1] for x in u.values()})
+        row("planner", "memory planner's recovery estimate vs measured peak RSS",
+            f"{min(errors):+.1f} % to {max(errors):+.1f} % ({len(u)} recoveries of {', '.join(models)})")
+    return md(["what", "measured", "details"], rows)
+
+
+def costs_from_files() -> str:
+    """`costs` of every result file it reads that exists."""
+    names = [n for n in SECTIONS if common.result_path(n).exists()]
+    return costs({n: json.loads(common.result_path(n).read_text()) for n in names})
+
+
+def _kind(name: str) -> str:
+    """The render function of a result file name (`quality-quick` -> quality, `scoring-streamed` -> scoring)."""
+    kinds = ("quality", "budget_study", "base_eval", "scoring", "recovery_methods")
+    return next((k for k in kinds if name.startswith(k)), name.removesuffix("-cuda").removesuffix("-quick"))
+
+
+def block(name: str) -> str:
+    """The text of a doc's `render:NAME` block: the run it came from, its tables, the units not run."""
+    if name == "costs":
+        return costs_from_files()
+    data = json.loads(common.result_path(name).read_text())
+    parts = [machine_line(data["machine"], bool(data.get("quick"))), RENDER[_kind(name)](data)]
+    if data.get("pending"):
+        parts.append("Not run: " + ", ".join(f"`{u}`" for u in data["pending"]) + ".")
+    return "\n\n".join(parts)
+
+
+MARKED = re.compile(r"(<!-- (?:render:([\w.-]+)|glance):start -->\n)(?:(.*?)\n)?(<!-- (?:render:\2|glance):end -->)",
+                    re.S)
+
+
+def marked_blocks(text: str) -> list[tuple[str, str]]:
+    """(name, text) of every marked block in a doc; name `glance` for the glance table."""
+    return [(m.group(2) or "glance", m.group(3) or "") for m in MARKED.finditer(text)]
+
+
+def rendered(name: str) -> str:
+    """What a marked block named `name` should hold."""
+    return glance_from_files() if name == "glance" else block(name)
+
+
+def update(paths: list) -> None:
+    """Re-render every marked block of the given docs in place."""
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        new = MARKED.sub(lambda m: f"{m.group(1)}{rendered(m.group(2) or 'glance')}\n{m.group(4)}", text)
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+            print(f"updated {path.relative_to(common.REPO)}")
+
+
 def main() -> None:
-    """Render the named result files (default: all that exist)."""
-    if sys.argv[1:] == ["glance"]:
+    """Print the named blocks (default: every result file's), or rewrite the docs' blocks with --update."""
+    args = sys.argv[1:]
+    if args == ["--update"]:
+        update([common.REPO / "README.md", *sorted((common.REPO / "docs").glob("*.md"))])
+        return
+    if args == ["glance"]:
         print(glance_from_files())
         return
-    for name in sys.argv[1:] or list(RENDER):
-        path = common.result_path(name)
-        if not path.exists():
-            print(f"## {name}\n\n(no results yet)\n")
+    for name in args or ["costs", *sorted(p.stem for p in common.RESULTS.glob("*.json"))]:
+        if name != "costs" and not common.result_path(name).exists():
+            print(f"(no bench/results/{name}.json)\n")
             continue
-        data = json.loads(path.read_text())
-        kind = next((k for k in ("quality", "budget_study", "base_eval", "scoring") if name.startswith(k)),
-                    name.removesuffix("-cuda").removesuffix("-quick"))
-        print(f"## {name}{' (quick)' if data.get('quick') else ''}\n\n{machine_line(data['machine'])}\n")
-        print(RENDER[kind](data) + "\n")
+        print(f"<!-- render:{name}:start -->\n{block(name)}\n<!-- render:{name}:end -->\n")
 
 
 if __name__ == "__main__":

@@ -62,9 +62,9 @@ def prepare_data(config: dict, base_dir: InPath, work_dir: str, budgets: list[in
 
 
 @task(name="score", **_PERSIST)
-def score(model_dir: InPath, data_path: InPath, scorer: str, n: int, device: str) -> dict:
+def score(model_dir: InPath, data_path: InPath, scorer: str, n: int, device: str, dtype: str) -> dict:
     """Score every remaining block of the current model."""
-    return steps.score(model_dir, data_path, scorer, n, device)
+    return steps.score(model_dir, data_path, scorer, n, device, dtype)
 
 
 @task(name="prune", **_PERSIST)
@@ -95,9 +95,10 @@ def recover(student_dir: InPath, teacher_dir: InPath, data_path: InPath, recover
 
 
 @task(name="evaluate", **_PERSIST)
-def evaluate(model_dir: InPath, tasks: str, limit: float | None, device: str, seed: int) -> dict:
+def evaluate(model_dir: InPath, tasks: str, limit: float | None, device: str, seed: int, dtype: str,
+             parallelize: bool) -> dict:
     """lm-eval metrics of a saved model ({} when no task is asked for)."""
-    return steps.evaluate(model_dir, tasks, limit, device, seed)
+    return steps.evaluate(model_dir, tasks, limit, device, seed, parallelize, dtype)
 
 
 @task(name="publish", **_PERSIST)
@@ -240,7 +241,7 @@ def iteration(run: Run, step: int, current: dict, base: dict, data: dict, k: int
     cfg = run.cfg
     n = k if cfg.scorer == "angular" else 1  # angular scores runs of k blocks; others single blocks
     scored = run.call("score", model_dir=current["path"], data_path=data["path"], scorer=cfg.scorer, n=n,
-                      device=run.device)
+                      device=run.device, dtype=cfg.dtype)
     remove = planning.plan_removal(scored["scores"], k, cfg.scorer, scored["order"])
     pruned = run.call("prune", model_dir=current["path"], remove=remove,
                       out_dir=str(run.out / "work" / f"step-{step:02d}-pruned"))
@@ -280,7 +281,8 @@ def final_recovery(run: Run, step: int, current: dict, teacher: dict, data: dict
 def _evaluate(run: Run, model: dict) -> dict:
     """The evaluate task on a model produced by an earlier task."""
     return run.call("evaluate", model_dir=model["path"], tasks=run.cfg.eval_tasks, limit=run.cfg.eval_limit,
-                    device=run.device, seed=run.cfg.seed)
+                    device=run.device, seed=run.cfg.seed, dtype=run.cfg.dtype,
+                    parallelize=run.cfg.eval_parallelize)
 
 
 @flow(name="iterabre", log_prints=True)
@@ -294,6 +296,7 @@ def compress(model: str = D.model, revision: str | None = D.revision, target_lay
              dtype: str = D.dtype, num_processes: int = D.num_processes, fsdp: bool = D.fsdp,
              allow_remote_code: bool = D.allow_remote_code, allow_pickle: bool = D.allow_pickle,
              output: str = D.output, eval_tasks: str = D.eval_tasks, eval_limit: float | None = D.eval_limit,
+             eval_parallelize: bool = D.eval_parallelize,
              recovery: dict | None = None, eval_every_step: bool = O.eval_every_step,
              min_blimp_retained: float = O.min_blimp_retained, max_ppl_ratio: float = O.max_ppl_ratio,
              log_checkpoints: bool = O.log_checkpoints, keep_pruned: bool = O.keep_pruned) -> dict:

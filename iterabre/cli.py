@@ -169,7 +169,7 @@ _PANELS = {"Target": ("model", "revision", "target_layers", "target_ratio", "out
            "Scoring": ("scorer", "schedule", "blocks_per_step", "calibration", "calibration_tokens", "seq_len"),
            "Recovery budget": ("teacher", "recovery_tokens", "budget_schedule", "final_share", "adaptive_eval_tokens",
                                "adaptive_tol"),
-           "Evaluation": ("eval_tasks", "eval_limit"),
+           "Evaluation": ("eval_tasks", "eval_limit", "eval_parallelize"),
            "Safety": ("allow_remote_code", "allow_pickle")}
 _PANEL_OF = {name: panel for panel, names in _PANELS.items() for name in names}
 _GROUP_PANEL = {"recovery": "Recovery (every phase)", "flow": "Registry and flow"}
@@ -247,11 +247,12 @@ def evaluate(
     output: Optional[str] = typer.Option(None, help="Folder for results.json and the report."),
     batch_size: int = typer.Option(8, help="Evaluation batch size."),
     device: str = typer.Option(_DEFAULTS.device, help=help_of(CompressConfig, "device")),
+    parallelize: bool = typer.Option(False, help=help_of(CompressConfig, "eval_parallelize")),
 ):
     """Evaluate a model with lm-eval on local data and print the metrics."""
     from iterabre.evaluation import run_evaluate
 
-    result = run_evaluate(model, tasks, _parse_limit(limit), output, batch_size, device)
+    result = run_evaluate(model, tasks, _parse_limit(limit), output, batch_size, device, parallelize)
     typer.echo(json.dumps(result, indent=2, sort_keys=True, default=str))
 
 
@@ -284,6 +285,8 @@ def plan(
     blocks_per_step: int = typer.Option(_DEFAULTS.blocks_per_step, help=help_of(CompressConfig, "blocks_per_step")),
     scorer: str = typer.Option(_DEFAULTS.scorer, help=help_of(CompressConfig, "scorer")),
     eval_tasks: str = typer.Option(_DEFAULTS.eval_tasks, help=help_of(CompressConfig, "eval_tasks")),
+    eval_parallelize: bool = typer.Option(False, help=help_of(CompressConfig, "eval_parallelize") +
+                                          " Planned as split over --num-processes GPUs."),
     grad_checkpointing: bool = typer.Option(False, help="Plan with gradient checkpointing (else it is switched "
                                                         "on only when recovery needs it to fit)."),
     device: str = typer.Option(_DEFAULTS.device, help="cpu | cuda (a machine to plan for, need not be this one); "
@@ -316,7 +319,8 @@ def plan(
                       schedule=schedule, blocks_per_step=blocks_per_step, method=recovery, trainable=trainable,
                       lora_rank=lora_rank, dtype=dtype, device=device, num_processes=num_processes, fsdp=fsdp,
                       batch_size=batch_size, seq_len=seq_len, calibration_tokens=calibration_tokens,
-                      grad_checkpointing=grad_checkpointing, scorer=scorer, eval_tasks=eval_tasks)
+                      grad_checkpointing=grad_checkpointing, scorer=scorer, eval_tasks=eval_tasks,
+                      eval_parallelize=eval_parallelize)
     result = planner.plan(counts, job, limit, host)
     typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else planner.table(result))
     if result.grad_checkpointing and result.auto_checkpointing and not as_json:

@@ -114,6 +114,9 @@ class CompressConfig:
                                                    "('' = none).")
     eval_limit: float | None = knob(0.02, "Per-task limit: fraction (<1), count or none (the full suite: "
                                           "~3 core-hours for SmolLM2 on CPU, docs/EVALUATION.md).")
+    eval_parallelize: bool = knob(False, "Evaluate with the model split over every visible GPU (lm-eval's "
+                                         "parallelize=True: accelerate's device_map='auto'), for models larger "
+                                         "than one device.")
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig, metadata={"help": "Recovery per step."})
 
     def to_dict(self) -> dict:

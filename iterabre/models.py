@@ -79,6 +79,18 @@ def _looks_like_path(spec: str) -> bool:
         or (os.sep != "/" and os.sep in spec)
 
 
+def model_folder(spec: str, revision: str | None = None) -> Path:
+    """The checked local folder of `spec` (embedded name, folder or hub snapshot), for loaders that read
+    the folder themselves (lm-eval with parallelize=True)."""
+    path = _resolve_spec(spec, revision)
+    if path.is_file():
+        raise IterabreError(f"{spec} is a single .gguf file; this needs a model folder.",
+                            "evaluate it without --parallelize, or save it as a folder with save_pretrained")
+    if not _is_hub_cache(path):
+        check_model_folder(path, spec)
+    return path
+
+
 def _resolve_spec(spec: str, revision: str | None) -> Path:
     """Local path of the model: embedded (pulled on demand), folder, .gguf file, or hub cache."""
     if spec in EMBEDDED:

@@ -38,7 +38,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 BYTES = {"float32": 4, "bfloat16": 2}
 
 # Fixed sizes of the code the planner models (kept next to the numbers they come from).
-SCORE_BATCH = 4  # steps.score -> score_blocks(batch_size=4)
+SCORE_BATCH = 4  # steps.score -> streamed_scores(batch_size=4)
 HELDOUT_BATCH = 8  # recovery.kd_loss_on and reconstruct.relative_hidden_error batch size
 KD_CHUNK = 512  # iterabre.kd.DEFAULT_CHUNK: rows per fp32 softmax chunk
 EVAL_BATCH = 8  # steps.evaluate -> lm-eval batch size
@@ -75,6 +75,7 @@ class ModelCounts:
     lora_width: int  # sum of in + out features over one block's linear layers (LoRA params per rank)
     linears: int  # linear layers per block (LoRA adapters per block)
     tied: bool
+    ffn: int = 0  # widest per-token MLP intermediate (MoE: the experts a token visits), streaming.ffn_width
     file_bytes: int = 4  # bytes per parameter of the checkpoint on disk (config.json's dtype)
 
     def params_with(self, blocks: int) -> int:
@@ -103,6 +104,7 @@ def counts_from_config(config, name: str = "") -> ModelCounts:
     from torch import nn
     from transformers import AutoModelForCausalLM
 
+    from iterabre.streaming import ffn_width
     from iterabre.surgery import decoder_blocks
 
     try:
@@ -130,7 +132,7 @@ def counts_from_config(config, name: str = "") -> ModelCounts:
         total_params=total, block_params=max(block_sizes), root_params=total - sum(block_sizes),
         lora_width=sum(_linear_width(m) for m in linears), linears=len(linears),
         tied=out_emb is not None and out_emb.weight is model.get_input_embeddings().weight,
-        file_bytes=_file_bytes(text))
+        ffn=ffn_width(text), file_bytes=_file_bytes(text))
 
 
 def _file_bytes(config) -> int:
@@ -255,6 +257,7 @@ class Job:
     grad_checkpointing: bool = False  # asked for; the planner may switch it on by itself
     scorer: str = "output"
     eval_tasks: str = "wikitext,blimp,xcopa"
+    eval_parallelize: bool = False  # weights split over the GPUs; the planner takes them to be num_processes
 
 
 def working_dtype(job: Job) -> str:
@@ -437,14 +440,20 @@ def load_phase(m: ModelCounts, job: Job) -> PhaseEstimate:
 
 
 def score_phase(m: ModelCounts, job: Job) -> PhaseEstimate:
-    """score: the base model plus the fast scorer's cache of every block's input for one batch."""
-    dtype = working_dtype(job)
-    tokens = SCORE_BATCH * job.seq_len
-    parts = {"runtime": _runtime(job), "model": BYTES[dtype] * m.total_params,
-             "cached residual stream": (m.num_layers + 2) * tokens * m.hidden * BYTES[dtype],
-             "block forward": inference_transient(m, tokens, dtype)}
-    if job.scorer == "perplexity":  # logits of the reference and the candidate, plus log-softmax
-        parts["logits"] = 3 * tokens * m.vocab * 4
+    """score: the streamed scorer of steps.score, whose formula is streaming.memory_parts: two blocks,
+    the embedding and head, one stream per candidate over the calibration tokens, one block call
+    (a GPU run batches more candidates per call only into memory that is free)."""
+    from iterabre.streaming import memory_parts
+
+    size = BYTES[working_dtype(job)]
+    n = job.blocks_per_step if job.scorer == "angular" else 1  # angular scores runs of k blocks
+    streamed = memory_parts(block=size * m.block_params, root=size * m.root_params, layers=m.num_layers,
+                            hidden=m.hidden, ffn=m.ffn, heads=m.heads, vocab=m.vocab,
+                            tokens=job.calibration_tokens, seq_len=job.seq_len, batch_size=SCORE_BATCH,
+                            itemsize=size, scorer=job.scorer, n=n)
+    parts = {"runtime": _runtime(job), "two blocks": streamed["blocks"],
+             "embedding, head": streamed["embedding_head"], "streams": streamed["streams"],
+             "block call": streamed["activations"]}
     return PhaseEstimate("score", "device", parts)
 
 
@@ -524,7 +533,9 @@ def evaluate_phase(m: ModelCounts, job: Job) -> PhaseEstimate:
     the harness's logits budget, with two fp32 logits copies and a KV cache."""
     dtype = working_dtype(job)
     tasks = {t.strip() for t in job.eval_tasks.split(",") if t.strip()}
-    parts = {"runtime": _runtime(job), "model": BYTES[dtype] * m.total_params}
+    split = job.num_processes if job.eval_parallelize and _cuda(job) else 1  # device_map="auto" over the GPUs
+    parts = {"runtime": _runtime(job), "model": BYTES[dtype] * m.total_params // split}
+    note = f"weights split over {split} GPUs" if split > 1 else ""
     if not tasks:
         return PhaseEstimate("evaluate", "device", parts, note="no tasks")
     if "wikitext" in tasks:
@@ -536,7 +547,7 @@ def evaluate_phase(m: ModelCounts, job: Job) -> PhaseEstimate:
     parts["logits (2 fp32 copies)"] = 2 * tokens * m.vocab * 4
     parts["KV cache"] = 2 * m.num_layers * tokens * m.kv_dim * BYTES[dtype]
     parts["block forward"] = inference_transient(m, tokens, dtype)
-    return PhaseEstimate("evaluate", "device", parts)
+    return PhaseEstimate("evaluate", "device", parts, note=note)
 
 
 # ---------------------------------------------------------------- the plan
@@ -612,6 +623,8 @@ def _alternatives(m: ModelCounts, job: Job) -> list[tuple[str, Job]]:
     for n in FSDP_TRIES:
         if n > job.num_processes:
             out.append((f"--num-processes {n} --fsdp", dataclasses.replace(job, num_processes=n, fsdp=True)))
+    if _cuda(job) and not job.eval_parallelize:  # evaluation split over the GPUs (helps with > 1 process)
+        out.append(("--eval-parallelize", dataclasses.replace(job, eval_parallelize=True)))
     for b in range(job.batch_size - 1, 0, -1):
         out.append((f"--batch-size {b}", dataclasses.replace(job, batch_size=b)))
     return out
@@ -703,7 +716,8 @@ def job_from_config(cfg, target_layers: int, device: str) -> Job:
                method=rec.method, trainable=rec.trainable, lora_rank=rec.lora_rank, dtype=cfg.dtype,
                device=device, num_processes=cfg.num_processes, fsdp=cfg.fsdp, batch_size=rec.batch_size,
                seq_len=cfg.seq_len, calibration_tokens=cfg.calibration_tokens,
-               grad_checkpointing=rec.grad_checkpointing, scorer=cfg.scorer, eval_tasks=cfg.eval_tasks)
+               grad_checkpointing=rec.grad_checkpointing, scorer=cfg.scorer, eval_tasks=cfg.eval_tasks,
+               eval_parallelize=cfg.eval_parallelize)
 
 
 def _target(cfg, layers: int) -> int:

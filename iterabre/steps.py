@@ -105,20 +105,23 @@ def _mask(ids: torch.Tensor) -> torch.Tensor:
 
 
 def score(model_dir: str | os.PathLike, data_path: str | os.PathLike, scorer: str, n: int,
-          device: str) -> dict:
+          device: str, dtype: str = "float32") -> dict:
     """{"scores": {orig: importance}, "order": remaining original indices}; higher = more important.
 
     `n` > 1 scores runs of n consecutive blocks, keyed by the run's first block. The model is
-    streamed from its folder one block at a time (`streamed_scores`), so it need not fit the device.
+    streamed from its folder one block at a time (`streamed_scores`), so it need not fit the device,
+    in `dtype` ('auto': the job's working dtype, models.working_dtype).
     """
-    from iterabre.devices import resolve_device
+    from iterabre.devices import as_dtype, resolve_device
+    from iterabre.flops import count_flops
+    from iterabre.models import working_dtype
     from iterabre.scorers import streamed_scores
 
-    from iterabre.flops import count_flops
-
+    device = resolve_device(device)
     ids = load_data(data_path)["calib"]  # [N, T]
     with count_flops() as counted:  # "flops": from the shapes of every block matmul / attention call that ran
-        scores = streamed_scores(model_dir, ids, _mask(ids), scorer=scorer, n=n, device=resolve_device(device))
+        scores = streamed_scores(model_dir, ids, _mask(ids), scorer=scorer, n=n, device=device,
+                                 dtype=as_dtype(working_dtype(dtype, device)))
     return {"scores": {int(i): float(s) for i, s in scores.items()}, "order": list(scores.order),
             "flops": counted.total}
 
@@ -189,13 +192,24 @@ def recover_on(dist, student_dir: str, teacher_dir: str, data_path: str, recover
 
 
 def evaluate(model_dir: str | os.PathLike, tasks: str, limit: float | None, device: str,
-             seed: int = 0) -> dict:
-    """lm-eval metrics {task: {metric: value}} of a saved model; {} when no task is asked for."""
+             seed: int = 0, parallelize: bool = False, dtype: str = "float32") -> dict:
+    """lm-eval metrics {task: {metric: value}} of a saved model; {} when no task is asked for.
+
+    `parallelize`: the model is split over every visible GPU (see harness.evaluate_parallel).
+    `dtype` as for `score`.
+    """
     if not tasks.strip():
         return {}
+    from iterabre.devices import resolve_device
     from iterabre.evaluation import evaluate as run_eval
+    from iterabre.evaluation.harness import evaluate_parallel
+    from iterabre.models import working_dtype
 
-    model, tokenizer = _load(model_dir, device)
+    device = resolve_device(device)
+    dtype = working_dtype(dtype, device)
+    if parallelize:
+        return evaluate_parallel(model_dir, tasks, limit=limit, seed=seed, dtype=dtype)
+    model, tokenizer = _load(model_dir, device, dtype)
     return run_eval(model, tokenizer, tasks, limit=limit, device=device, seed=seed)
 
 

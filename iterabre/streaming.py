@@ -416,7 +416,7 @@ def _bytes(module: nn.Module, dtype: torch.dtype, skip: nn.Module | None = None)
     return total
 
 
-def _ffn_width(config) -> int:
+def ffn_width(config) -> int:
     """Widest per-token intermediate of a block's MLP (MoE: experts each token visits)."""
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
     dense = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or \
@@ -433,10 +433,16 @@ def call_bytes(config, rows: int, seq_len: int, dtype: torch.dtype) -> int:
     residuals ([rows, T, d] x6), the stacked input and the output ([rows, T, d] x2), one
     [rows, heads, T, T] float32 score matrix (eager / CPU attention).
     """
-    hidden = _hidden_size(config)
-    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 1))
-    per_token = 3 * _ffn_width(config) + 8 * hidden
-    return rows * seq_len * per_token * dtype.itemsize + rows * heads * seq_len * seq_len * 4
+    return _call_bytes(rows, seq_len, _hidden_size(config), ffn_width(config), _heads(config), dtype.itemsize)
+
+
+def _call_bytes(rows: int, seq_len: int, hidden: int, ffn: int, heads: int, itemsize: int) -> int:
+    """call_bytes from the sizes alone (the planner has sizes, not a config)."""
+    return rows * seq_len * (3 * ffn + 8 * hidden) * itemsize + rows * heads * seq_len * seq_len * 4
+
+
+def _heads(config) -> int:
+    return int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 1))
 
 
 def _hidden_size(config) -> int:
@@ -495,25 +501,35 @@ def plan_streams(config, device: torch.device, batch_rows: list[int], seq_len: i
 
 def streamed_memory(model: nn.Module, tokens: int, seq_len: int, batch_size: int, scorer: str = "output",
                     n: int = 1, dtype: torch.dtype = torch.float32, per_call: int = 1) -> dict[str, int]:
-    """Peak bytes the streamed scorer adds, by part; `model` may be a meta-device shell (shapes only).
+    """Peak bytes the streamed scorer adds, by part (see memory_parts); `model` may be a meta-device
+    shell (shapes only)."""
+    _, _, blocks = block_list_site(model)
+    config = model.config
+    return memory_parts(block=max(_bytes(b, dtype) for b in blocks), root=_bytes(model, dtype, skip=blocks),
+                        layers=len(blocks), hidden=_hidden_size(config), ffn=ffn_width(config),
+                        heads=_heads(config), vocab=int(getattr(config, "vocab_size", 0)), tokens=tokens,
+                        seq_len=seq_len, batch_size=batch_size, itemsize=dtype.itemsize, scorer=scorer, n=n,
+                        per_call=per_call)
+
+
+def memory_parts(*, block: int, root: int, layers: int, hidden: int, ffn: int, heads: int, vocab: int, tokens: int,
+                 seq_len: int, batch_size: int, itemsize: int, scorer: str, n: int = 1,
+                 per_call: int = 1) -> dict[str, int]:
+    """The streamed scorer's peak by part, from sizes alone (bytes); the planner's score phase uses it too.
 
     total = 2 x largest block (the resident one + the copy being read or converted)
           + streams: tokens x d x (L + 1) (output, perplexity) or x (n + 1) (block-influence, angular)
-          + embedding, final norm and LM head (tied: counted once)
+          + embedding, final norm and LM head (`root`; tied: counted once)
           + one block call: `per_call` candidate batches of `batch_size` rows (call_bytes)
           + perplexity: logits of one batch, with the float32 copies the cross-entropy makes (x3)
     """
     from iterabre.scorers import SCORERS
 
     rule = SCORERS[scorer]
-    _, _, blocks = block_list_site(model)
-    config = model.config
-    block = max(_bytes(b, dtype) for b in blocks)
-    per_token = (len(blocks) + 1) if rule.kind == "resume" else (n + 1)
-    per_call = min(per_call, len(blocks)) if rule.kind == "resume" else 1  # pair scorers: the dense stream only
+    per_token = (layers + 1) if rule.kind == "resume" else (n + 1)
+    per_call = min(per_call, layers) if rule.kind == "resume" else 1  # pair scorers: the dense stream only
     rows = min(batch_size, max(1, math.ceil(tokens / seq_len)))
-    logits = 3 * rows * seq_len * int(getattr(config, "vocab_size", 0)) * 4 if rule.target == "logits" else 0
-    parts = {"blocks": 2 * block, "streams": tokens * _hidden_size(config) * per_token * dtype.itemsize,
-             "embedding_head": _bytes(model, dtype, skip=blocks),
-             "activations": per_call * call_bytes(config, rows, seq_len, dtype) + logits}
+    logits = 3 * rows * seq_len * vocab * 4 if rule.target == "logits" else 0
+    parts = {"blocks": 2 * block, "streams": tokens * hidden * per_token * itemsize, "embedding_head": root,
+             "activations": per_call * _call_bytes(rows, seq_len, hidden, ffn, heads, itemsize) + logits}
     return {**parts, "total": sum(parts.values()), "one_block": block}

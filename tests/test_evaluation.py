@@ -212,6 +212,25 @@ def test_run_evaluate_writes_json(tmp_path):
     assert set(json.loads((tmp_path / "folder" / "results.json").read_text())["results"]) == {"xcopa_et"}
 
 
+def test_parallelized_evaluation_matches_the_in_memory_one(tmp_path):
+    # lm-eval loads the folder itself with device_map="auto" (every visible GPU; CPU memory here):
+    # the same metrics as the model evaluated in memory, through the same harness.
+    from iterabre.evaluation.harness import evaluate_parallel
+    from iterabre.models import save_model
+
+    model = tiny_model("llama")
+    save_model(model, byte_tokenizer(), tmp_path / "tiny")
+    want = evaluate(model, byte_tokenizer(), "xcopa_et,wikitext", limit=2)
+    got = evaluate_parallel(tmp_path / "tiny", "xcopa_et,wikitext", limit=2)
+    assert set(got) == set(want)
+    for task in want:
+        for metric, value in want[task].items():
+            assert got[task][metric] == pytest.approx(value, rel=1e-4), (task, metric)
+    record = run_evaluate(str(tmp_path / "tiny"), "xcopa_et", limit=2, parallelize=True)
+    assert record["device"] == "parallel" and record["num_layers"] == 6
+    assert record["results"]["xcopa_et"] == got["xcopa_et"]
+
+
 # ---------------------------------------------------------------- errors
 
 def test_missing_data_file_says_dvc_pull(tmp_path, monkeypatch):

@@ -130,6 +130,30 @@ def test_fsdp_shards_and_ddp_replicates():
     assert fsdp < 80 * GiB < one
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("scorer", ["output", "perplexity", "angular"])
+def test_score_phase_is_the_streamed_scorers_formula(family, scorer):
+    # The planner has counts, the bench and the scorer a model shell: both reach streaming.memory_parts.
+    from iterabre.streaming import shell_from_config, streamed_memory
+
+    config = tiny_config(family)
+    m = planner.counts_from_config(config)
+    job = planner.Job(target_layers=2, scorer=scorer, blocks_per_step=2, calibration_tokens=512, seq_len=64)
+    phase = planner.score_phase(m, job)
+    want = streamed_memory(shell_from_config(config), tokens=512, seq_len=64, batch_size=planner.SCORE_BATCH,
+                           scorer=scorer, n=2 if scorer == "angular" else 1)
+    assert phase.per_process - phase.parts["runtime"] == want["total"]
+
+
+def test_parallelized_evaluation_splits_the_weights_over_the_gpus():
+    m = planner.counts_from_config(planner.read_config(REPO / "configs/models/llama-3.1-70b/config.json"))
+    one = planner.evaluate_phase(m, planner.Job(target_layers=60, device="cuda", num_processes=8))
+    split = planner.evaluate_phase(m, planner.Job(target_layers=60, device="cuda", num_processes=8,
+                                                  eval_parallelize=True))
+    assert split.parts["model"] == one.parts["model"] // 8 and "split over 8 GPUs" in split.note
+    assert one.per_process > 80 * GiB > split.per_process  # 70B in bf16 fits eight 80 GB GPUs only split
+
+
 def test_cpu_processes_share_the_ram(tiny_dir):
     m = planner.counts_for(str(tiny_dir))
     p = planner.estimate(m, planner.Job(target_layers=4, device="cpu", num_processes=2), 64 * GiB, None)

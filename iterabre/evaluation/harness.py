@@ -232,7 +232,7 @@ def rolling_batch_size(batch_size: int, max_length: int, vocab_size: int,
     return max(1, min(batch_size, budget // per_window))
 
 
-def memory_safe_hflm(model, tokenizer, batch_size: int):
+def memory_safe_hflm(model, tokenizer, batch_size: int, **hflm_args):
     """An lm-eval HFLM whose rolling (perplexity) requests run in batches capped by ROLLING_LOGITS_BUDGET."""
     from lm_eval.models.huggingface import HFLM
 
@@ -267,7 +267,7 @@ def memory_safe_hflm(model, tokenizer, batch_size: int):
                 bar.update(len(requests))
             return out
 
-    return MemorySafeHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return MemorySafeHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **hflm_args)
 
 
 def evaluate(model, tokenizer, tasks: str | list[str] = DEFAULT_TASKS, limit: float | int | None = None,
@@ -293,6 +293,28 @@ def evaluate(model, tokenizer, tasks: str | list[str] = DEFAULT_TASKS, limit: fl
         return evaluate_lm(make_lm, tasks, limit, seed, data_dir)
     finally:
         model.to(home).train(was_training)
+
+
+def evaluate_parallel(model_dir: str | os.PathLike, tasks: str | list[str] = DEFAULT_TASKS,
+                      limit: float | int | None = None, batch_size: int = 8, seed: int = 0,
+                      data_dir: str | os.PathLike | None = None,
+                      dtype: str = "float32") -> dict[str, dict[str, float]]:
+    """`evaluate` for a saved model larger than one device: lm-eval loads it itself, split over every
+    visible GPU (parallelize=True, accelerate's device_map="auto"), with what does not fit in CPU memory.
+
+    Without a GPU the whole model lands in CPU memory, so the same code path runs on a CPU machine.
+    """
+    import torch
+
+    from iterabre.planner import available_ram
+
+    # Inputs go to `device` (the first GPU); accelerate's hooks move activations between GPUs.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory(prefix="iterabre-offload-") as offload:  # accelerate's spill, if any
+        make_lm = lambda: memory_safe_hflm(str(model_dir), None, batch_size, parallelize=True,  # noqa: E731
+                                           device=device, dtype=dtype, max_cpu_memory=available_ram() // 2,
+                                           offload_folder=offload)
+        return evaluate_lm(make_lm, tasks, limit, seed, data_dir)
 
 
 def evaluate_lm(make_lm, tasks: str | list[str] = DEFAULT_TASKS, limit: float | int | None = None,

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from iterabre.errors import IterabreError
-from iterabre.evaluation.harness import DEFAULT_TASKS, evaluate, parse_tasks
+from iterabre.evaluation.harness import DEFAULT_TASKS, evaluate, evaluate_parallel, parse_tasks
 from iterabre.evaluation.report import atomic_write
 from iterabre.paths import require_dir_or_absent
 
@@ -17,24 +17,33 @@ _SHOWN = ("word_perplexity", "bits_per_byte", "acc")
 
 
 def run_evaluate(model_spec: str, tasks: str | list[str] = DEFAULT_TASKS, limit: float | int | None = None,
-                 output: str | os.PathLike | None = None, batch_size: int = 8, device: str = "cpu") -> dict:
+                 output: str | os.PathLike | None = None, batch_size: int = 8, device: str = "cpu",
+                 parallelize: bool = False) -> dict:
     """Evaluate `model_spec` (embedded name, folder, .gguf or hub id); returns and writes the record.
 
     Record: {"model", "tasks", "limit", "batch_size", "device", "num_layers", "seconds",
     "results": {task: {metric: value}}}. `output` is a .json file, or a folder that gets
-    results.json.
+    results.json. `parallelize`: lm-eval loads the folder split over every visible GPU
+    (harness.evaluate_parallel) instead of one device holding the whole model.
     """
     from iterabre.devices import resolve_device
-    from iterabre.models import load_model
+    from iterabre.models import load_model, model_folder
 
     names, device = parse_tasks(tasks), resolve_device(device)
     if output is not None:
         check_output(output)  # before minutes of evaluation, not when writing the result
-    model, tokenizer = load_model(model_spec, device=device)  # raises IterabreError naming the model
     start = time.perf_counter()
-    results = evaluate(model, tokenizer, names, limit=limit, batch_size=batch_size, device=device)
+    if parallelize:
+        folder = model_folder(model_spec)  # raises IterabreError naming the model
+        layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+        results = evaluate_parallel(folder, names, limit=limit, batch_size=batch_size)
+    else:
+        model, tokenizer = load_model(model_spec, device=device)  # raises IterabreError naming the model
+        layers = model.config.num_hidden_layers
+        start = time.perf_counter()  # the evaluation alone, not the load
+        results = evaluate(model, tokenizer, names, limit=limit, batch_size=batch_size, device=device)
     record = {"model": str(model_spec), "tasks": names, "limit": limit, "batch_size": batch_size,
-              "device": device, "num_layers": model.config.num_hidden_layers,
+              "device": "parallel" if parallelize else device, "num_layers": layers,
               "seconds": round(time.perf_counter() - start, 1), "results": results}
     if output is not None:
         atomic_write(results_path(output), json.dumps(record, indent=2).encode())
