@@ -64,14 +64,30 @@ def ensure_prefect_api() -> None:
         "PREFECT_API_URL=http://127.0.0.1:4200/api), raise that timeout, or retry on a quieter machine")
 
 
+# After a stop signal the job has this long to unwind (mark its MLflow run KILLED, drop temp
+# folders, release the lock, report to Prefect) before the process exits regardless: a clean-up
+# call stuck on a busy server must not keep a stopped job alive.
+STOP_GRACE_S = 15.0
+_stopping = threading.Event()
+
+
 def _raise_interrupt(signum, frame) -> None:
-    """SIGTERM handler: unwind like Ctrl-C, so `finally` blocks and the failure handlers run."""
+    """SIGTERM / SIGINT handler: unwind like Ctrl-C, so `finally` blocks and the failure handlers
+    run, with a watchdog that ends the process after STOP_GRACE_S; a second signal ends it now."""
+    code = 128 + signum
+    if _stopping.is_set():
+        os._exit(code)
+    _stopping.set()
+    watchdog = threading.Timer(STOP_GRACE_S, os._exit, (code,))
+    watchdog.daemon = True  # runs on while interpreter shutdown waits for other threads
+    watchdog.start()
     raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
 @contextmanager
 def signals_as_interrupts():
-    """Turn SIGTERM into KeyboardInterrupt for the job (SIGINT already is one).
+    """SIGTERM and SIGINT raise KeyboardInterrupt in the job, and the process ends at most
+    STOP_GRACE_S later (see _raise_interrupt).
 
     Python's default SIGTERM ends the process at once: temp folders stay behind and the
     MLflow run stays RUNNING. Only the main thread may set handlers; elsewhere (a worker's
@@ -80,8 +96,9 @@ def signals_as_interrupts():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -118,7 +118,11 @@ def test_signal_stops_the_job_cleanly(tiny_model_dir, prefect_server, tmp_path, 
     time.sleep(2)  # inside the recover task
     sent = time.time()
     proc.send_signal(sig)
-    code = proc.wait(timeout=60)
+    try:
+        code = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"still running 60 s after {sig.name}:\n{log.read_text()[-3000:]}")
     assert time.time() - sent < 20 and code != 0, log.read_text()[-3000:]
     assert not list(out.rglob("*.tmp-*")) and not (out / "steps" / "step-01").exists()
     assert not (out / LOCK_NAME).exists()
@@ -126,6 +130,38 @@ def test_signal_stops_the_job_cleanly(tiny_model_dir, prefect_server, tmp_path, 
     runs = client.search_runs([tracking.experiment_id(client)],
                               f"tags.`{tracking.TAG_OUTPUT}` = '{out.resolve()}' and tags.`{tracking.TAG_KIND}` = 'job'")
     assert [r.info.status for r in runs] == ["KILLED"]
+
+
+STUCK = """
+import signal, sys, time
+from flows import lifecycle
+lifecycle.STOP_GRACE_S = float(sys.argv[1])
+with lifecycle.signals_as_interrupts():
+    print("ready", flush=True)
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        print("unwinding", flush=True)
+        if sys.argv[2] == "again":
+            signal.raise_signal(signal.SIGINT)  # a second Ctrl-C while unwinding
+        time.sleep(60)  # a clean-up call that never returns
+"""
+
+
+@pytest.mark.parametrize("second", ["none", "again"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_job_whose_clean_up_hangs_still_ends(sig, second):
+    # The first signal unwinds the job and arms a watchdog; the process ends STOP_GRACE_S later
+    # (or at once on a second signal) even though its clean-up never returns.
+    proc = subprocess.Popen([sys.executable, "-c", STUCK, "2", second], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    sent = time.time()
+    proc.send_signal(sig)
+    assert proc.stdout.readline().strip() == "unwinding"
+    last = signal.SIGINT if second == "again" else sig  # the exit code names the signal that ended it
+    assert proc.wait(timeout=30) == 128 + last
+    took = time.time() - sent
+    assert took < 1.9 if second == "again" else 1.9 < took < 20
 
 
 @pytest.mark.slow
