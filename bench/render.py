@@ -170,6 +170,25 @@ def quality(d: dict) -> str:
                "avg acc", "removed (original idx)", "minutes"], rows)
 
 
+def quality_equal(d: dict) -> str:
+    """bench/quality.py --equal-compute: every recipe gets the same FLOPs (scoring + recovery)."""
+    from quality import _pm
+
+    rows = []
+    for uid, u in d["units"].items():
+        plan = u["plan"]
+        rows.append([uid, plan["fields"]["schedule"], plan["recovery"]["method"], u.get("kd_tokens", 0),
+                     u["scoring_flops"] / 1e12, u["recovery_flops"] / 1e12, u["wikitext_word_ppl"],
+                     _pm(u["blimp_acc"], u["blimp_stderr"]), _pm(u["xcopa_acc"], u["xcopa_stderr"]),
+                     " ".join(map(str, u["removed"])), u["seconds"] / 60])
+    s = d["settings"]
+    head = (f"SmolLM2-135M, {s['blocks']} blocks removed, seed {s['seed']}; budget {s['flops'] / 1e12:.1f} TFLOP per "
+            f"recipe (what KD with {s['equal_kd_tokens']} tokens spends with its scoring), counted from the shapes "
+            f"(`iterabre.flops`).\n\n")
+    return head + md(["recipe", "schedule", "recovery", "KD tokens", "scoring TFLOP", "recovery TFLOP",
+                      "wikitext word ppl", "BLiMP acc", "XCOPA acc", "removed (original idx)", "minutes"], rows)
+
+
 def recovery_methods(d: dict) -> str:
     """bench/recovery_methods.py: each healing method on the same pruned model, measured on held-out text."""
     rows = []
@@ -250,7 +269,7 @@ def planner_bench(d: dict) -> str:
 
 RENDER = {"scoring": scoring, "recovery": recovery, "pruned_speed": pruned_speed, "overhead": overhead,
           "plans": plans, "planner": planner_bench, "quality": quality, "budget_study": budget_study,
-          "base_eval": base_eval, "recovery_methods": recovery_methods}
+          "base_eval": base_eval, "recovery_methods": recovery_methods, "quality_equal": quality_equal}
 
 
 def _mean(units: list[dict], key: str) -> float:
@@ -382,6 +401,8 @@ def costs_from_files() -> str:
 
 def _kind(name: str) -> str:
     """The render function of a result file name (`quality-quick` -> quality, `scoring-streamed` -> scoring)."""
+    if name.startswith("quality-equal"):
+        return "quality_equal"
     kinds = ("quality", "budget_study", "base_eval", "scoring", "recovery_methods")
     return next((k for k in kinds if name.startswith(k)), name.removesuffix("-cuda").removesuffix("-quick"))
 
