@@ -189,6 +189,22 @@ def quality_equal(d: dict) -> str:
                       "wikitext word ppl", "BLiMP acc", "XCOPA acc", "removed (original idx)", "minutes"], rows)
 
 
+def dtypes(d: dict) -> str:
+    """bench/dtypes.py: which precision trained weights get, its bytes and the KD loss it keeps."""
+    what = {"fp32": ("float32", "float32", "float32"), "masters": ("**float32 masters** (shipped)", "float32", "bf16"),
+            "bf16-fp32state": ("bf16", "float32", "bf16"), "bf16": ("bf16", "bf16", "bf16")}
+    units, rows = d["units"], []
+    for variant, (weights, moments, frozen) in what.items():
+        kd = [units.get(f"train:{variant}:{n}") for n in (2048, 8192)]
+        st = units.get(f"state:{variant}")
+        rows.append([weights, moments, frozen] +
+                    [f"{u['loss_before']:.4f} -> {u['loss_after']:.4f}" if u else None for u in kd] +
+                    [f"{st['total'] / 1e9:.2f} G" if st else None])
+    table = md(["trained weights", "AdamW moments", "teacher + frozen", "held-out KD, 2,048 tokens",
+                "held-out KD, 8,192 tokens", "weights + grads + AdamW (bytes)"], rows)
+    return table + (f"\n\n{d['notes'][0].upper()}{d['notes'][1:]}" if d.get("notes") else "")
+
+
 def recovery_methods(d: dict) -> str:
     """bench/recovery_methods.py: each healing method on the same pruned model, measured on held-out text."""
     rows = []
@@ -269,7 +285,8 @@ def planner_bench(d: dict) -> str:
 
 RENDER = {"scoring": scoring, "recovery": recovery, "pruned_speed": pruned_speed, "overhead": overhead,
           "plans": plans, "planner": planner_bench, "quality": quality, "budget_study": budget_study,
-          "base_eval": base_eval, "recovery_methods": recovery_methods, "quality_equal": quality_equal}
+          "base_eval": base_eval, "recovery_methods": recovery_methods, "quality_equal": quality_equal,
+          "dtypes": dtypes}
 
 
 def _mean(units: list[dict], key: str) -> float:
