@@ -105,8 +105,9 @@ def test_sigkill_at_every_task_boundary_then_resume(tiny_model_dir, prefect_serv
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_the_job_cleanly(tiny_model_dir, prefect_server, tmp_path, sig):
+def test_signal_stops_the_job_cleanly(tiny_model_dir, prefect_server, tmp_path, sig=signal.SIGTERM):
+    # SIGINT (Ctrl-C) takes the same handler (flows.lifecycle._raise_interrupt): the test below
+    # sends both to a process whose clean-up hangs; one real job is stopped here.
     env = {**prefect_server, "ITERABRE_NO_PROGRESS": "1"}
     cfg = _config(tiny_model_dir, tmp_path / "out", tokens=200_000)  # long enough to be stopped mid-recovery
     out, log = Path(cfg.output), tmp_path / "job.log"
