@@ -300,6 +300,7 @@ def plan(
 ):
     """Estimate the peak memory of each phase per process from config.json alone; exit 1 if one does not fit."""
     from iterabre import planner
+    from iterabre.devices import available_ram
 
     if (target_layers is None) == (target_ratio is None):
         raise IterabreError("give exactly one of --target-layers and --target-ratio.",
@@ -307,7 +308,7 @@ def plan(
     device = _plan_device(device)
     limit = planner.parse_bytes(device_memory) if device_memory is not None else _machine_memory(device)
     host = planner.parse_bytes(host_memory) if host_memory is not None else (
-        planner.available_ram() if device_memory is None else None)
+        available_ram() if device_memory is None else None)
     path = planner.config_file(model, revision)
     if path is None:
         raise IterabreError(f"no config.json of {model} on this machine (a .gguf file, an embedded model not "

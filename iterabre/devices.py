@@ -1,4 +1,5 @@
-"""Where tensors live and in which precision: device names and dtypes from user options.
+"""Where tensors live and in which precision: device names and dtypes from user options, and the
+RAM a machine can still give.
 
 Both turn a user's string into what torch wants, or refuse it with a one-line error, so a
 bad --device or dtype fails before any model is loaded.
@@ -34,3 +35,17 @@ def as_dtype(dtype):
     if not isinstance(value, torch.dtype):
         raise IterabreError(f"unknown dtype {dtype!r}.", "use float32, bfloat16 or float16")
     return value
+
+
+def available_ram() -> int:
+    """Bytes of RAM this machine can still give (MemAvailable), or its total when that is unknown."""
+    import os
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -25,11 +25,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iterabre.devices import available_ram
 from iterabre.errors import IterabreError
 
 GiB, MiB = 2**30, 2**20
@@ -206,17 +206,6 @@ def parse_bytes(text: str) -> int:
         raise IterabreError(f"memory size {text!r} does not parse.",
                             "write a positive number with a unit, e.g. 80GiB, 16GB or 512MiB")
     return int(float(match.group(1)) * _UNITS[unit])
-
-
-def available_ram() -> int:
-    """Bytes of RAM this machine can still give (MemAvailable), or its total when that is unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def machine_memory(device: str) -> int:

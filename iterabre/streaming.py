@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from iterabre.devices import available_ram
 from iterabre.errors import IterabreError
 from iterabre.surgery import block_list_site
 
@@ -463,13 +464,7 @@ def _free_bytes(device: torch.device) -> int:
     """Memory free on `device` now: CUDA's free memory, or Linux's MemAvailable for the CPU."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 2**30  # unknown: assume a modest machine
+    return available_ram()
 
 
 def plan_streams(config, device: torch.device, batch_rows: list[int], seq_len: int, streams_per_row: int,

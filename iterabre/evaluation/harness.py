@@ -306,7 +306,7 @@ def evaluate_parallel(model_dir: str | os.PathLike, tasks: str | list[str] = DEF
     """
     import torch
 
-    from iterabre.planner import available_ram
+    from iterabre.devices import available_ram
 
     # Inputs go to `device` (the first GPU); accelerate's hooks move activations between GPUs.
     device = "cuda" if torch.cuda.is_available() else "cpu"
