@@ -566,15 +566,22 @@ def _recover_reconstruct(job: RecoveryJob) -> RecoveryResult:
                           peak_mem_mb=peak_mb(device, mem), extra={"reconstruct": dataclasses.asdict(info)})
 
 
-def _recover_reconstruct_kd(job: RecoveryJob) -> RecoveryResult:
-    """Reconstruct, then KD; an aborted KD part falls back to the reconstructed weights."""
-    first = _recover_reconstruct(job)
-    second = train_kd(job, job.cfg.trainable, "reconstruct+kd")
-    second.extra = {**first.extra, "loss_after_reconstruct": first.loss_after}
+def _then_kd(first: RecoveryResult, job: RecoveryJob, method: str) -> RecoveryResult:
+    """KD with the phase's budget after a closed-form or block-wise repair (`first`): one record of both.
+
+    An aborted KD part falls back to the weights `first` left (train_kd restores them).
+    """
+    second = train_kd(job, job.cfg.trainable, method)
+    second.extra = {**first.extra, f"loss_after_{first.method.replace('-', '_')}": first.loss_after}
     second.loss_before = first.loss_before
     second.seconds += first.seconds
     second.peak_mem_mb = max(first.peak_mem_mb, second.peak_mem_mb)
     return second
+
+
+def _recover_reconstruct_kd(job: RecoveryJob) -> RecoveryResult:
+    """Reconstruct, then KD."""
+    return _then_kd(_recover_reconstruct(job), job, "reconstruct+kd")
 
 
 def _recover_block_recon(job: RecoveryJob) -> RecoveryResult:
@@ -599,14 +606,8 @@ def _recover_block_recon(job: RecoveryJob) -> RecoveryResult:
 
 
 def _recover_block_recon_kd(job: RecoveryJob) -> RecoveryResult:
-    """Block-wise reconstruction, then KD with the phase's token budget; an aborted KD keeps the block-wise result."""
-    first = _recover_block_recon(job)
-    second = train_kd(job, job.cfg.trainable, "block-recon+kd")
-    second.extra = {**first.extra, "loss_after_block_recon": first.loss_after}
-    second.loss_before = first.loss_before
-    second.seconds += first.seconds
-    second.peak_mem_mb = max(first.peak_mem_mb, second.peak_mem_mb)
-    return second
+    """Block-wise reconstruction, then KD with the phase's token budget."""
+    return _then_kd(_recover_block_recon(job), job, "block-recon+kd")
 
 
 RECOVERY_METHODS: dict[str, Callable[[RecoveryJob], RecoveryResult]] = {
