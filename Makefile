@@ -48,8 +48,9 @@ $(DATA_STAMP): data.dvc | $(STAMP)
 $(MODEL_STAMP): | $(STAMP)
 	$(BIN)/iterabre models pull smollm2-135m
 
-DEMO_ARGS ?= --model smollm2-135m --target-layers 27 --recovery-tokens 6144 \
-	--calibration-tokens 1024 --eval-limit 0.02 --output outputs/demo
+# The best recipe measured at this budget (docs/BENCHMARKS.md): one-shot removal, least squares then KD.
+DEMO_ARGS ?= --model smollm2-135m --target-layers 27 --schedule one-shot --recovery reconstruct+kd \
+	--recovery-tokens 6144 --calibration-tokens 1024 --eval-limit 0.02 --output outputs/demo
 
 demo: setup
 	$(BIN)/iterabre compress $(DEMO_ARGS)
