@@ -196,6 +196,14 @@ def test_cli_fits_exit_0(tiny_dir):
     assert "recovery (device)" in r.output and "yes" in r.output
 
 
+def test_cli_70b_fits_eight_gpus_only_with_parallel_evaluation():
+    args = ("--model", str(REPO / "configs/models/llama-3.1-70b"), "--target-ratio", "0.75", "--device", "cuda",
+            "--device-memory", "80GB", "--num-processes", "8", "--fsdp", "--trainable", "lora")
+    without = _plan(*args)
+    assert without.exit_code == 1 and "--eval-parallelize" in without.output, without.output
+    assert _plan(*args, "--eval-parallelize").exit_code == 0
+
+
 def test_cli_json_is_the_plan(tiny_dir):
     r = _plan("--model", str(tiny_dir / "config.json"), "--target-ratio", "0.5", "--device", "cuda",
               "--device-memory", "80GiB", "--json")
