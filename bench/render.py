@@ -177,6 +177,10 @@ def quality_equal(d: dict) -> str:
     rows = []
     for uid, u in d["units"].items():
         plan = u["plan"]
+        if not u.get("feasible", True):  # its scoring alone spends the budget: nothing was run
+            rows.append([uid, plan["fields"]["schedule"], plan["recovery"]["method"], None, plan["scoring"] / 1e12,
+                         "none affordable", None, None, None, None, None])
+            continue
         rows.append([uid, plan["fields"]["schedule"], plan["recovery"]["method"], u.get("kd_tokens", 0),
                      u["scoring_flops"] / 1e12, u["recovery_flops"] / 1e12, u["wikitext_word_ppl"],
                      _pm(u["blimp_acc"], u["blimp_stderr"]), _pm(u["xcopa_acc"], u["xcopa_stderr"]),
