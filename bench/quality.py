@@ -73,6 +73,7 @@ def parse_args() -> argparse.Namespace:
                    help="the FLOP budget per recipe, in TFLOP (default: one-shot output scoring + --equal-kd-tokens "
                         "tokens of KD)")
     p.add_argument("--equal-kd-tokens", type=int, default=8192, help="KD tokens that define the default budget")
+    p.add_argument("--equal-seed", type=int, default=0, help="seed of the equal-compute jobs (data split, training)")
     p.add_argument("--equal-recipes", default=EQUAL_DEFAULT, help="comma list of: " + ", ".join(EQUAL_RECIPES))
     common.add_result_args(p, "quality")
     return p.parse_args()
@@ -390,7 +391,7 @@ def equal_settings(args) -> dict:
     s = {"model": args.model, "blocks": pick(args.blocks, 4, 2), "calib_tokens": pick(args.calib_tokens, 1024, 128),
          "seq_len": pick(args.seq_len, 128, 64), "kd_batch_size": args.kd_batch_size or 4,
          "eval": common.parse_limits(pick(args.eval, "wikitext=3,blimp=10,xcopa=20", "wikitext=1,blimp=1,xcopa=1")),
-         "seed": 0, "equal_kd_tokens": pick(None, args.equal_kd_tokens, 1024)}
+         "seed": args.equal_seed, "equal_kd_tokens": pick(None, args.equal_kd_tokens, 1024)}
     s["flops"] = args.equal_flops * 1e12 if args.equal_flops else reference_flops(s)
     return s
 
