@@ -82,36 +82,6 @@ def state(variant: str) -> dict:
     return {**out, "total": sum(out.values())}
 
 
-def _rounded_class():
-    import torch
-
-    class Rounded(torch.optim.Optimizer):
-        """AdamW whose weights (and, with `moments`, its moments) are rounded to bf16 values after each step."""
-
-        def __init__(self, inner, moments: bool):
-            self.inner, self.moments = inner, moments
-            self.param_groups, self.state, self.defaults = inner.param_groups, inner.state, inner.defaults
-
-        @torch.no_grad()
-        def step(self, closure=None):
-            self.inner.step()
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p.copy_(p.to(torch.bfloat16).float())
-                    if self.moments:
-                        for key in ("exp_avg", "exp_avg_sq"):
-                            self.state[p][key].copy_(self.state[p][key].to(torch.bfloat16).float())
-
-        def zero_grad(self, set_to_none=True):
-            self.inner.zero_grad(set_to_none=set_to_none)
-
-    return Rounded
-
-
-def _Rounded(inner, moments: bool):
-    return _rounded_class()(inner, moments)
-
-
 def train(variant: str, tokens: int) -> dict:
     """Held-out KD loss before/after one KD phase, bf16 storage emulated (see the module docstring)."""
     import torch
@@ -128,8 +98,28 @@ def train(variant: str, tokens: int) -> dict:
         with torch.no_grad():
             for p in [*teacher.parameters(), *student.parameters()]:
                 p.copy_(p.to(bf).float())
+    class Rounded(torch.optim.Optimizer):
+        """AdamW whose weights (and, with `moments`, its moments) are rounded to bf16 values after each step."""
+
+        def __init__(self, inner, moments: bool):
+            self.inner, self.moments = inner, moments
+            self.param_groups, self.state, self.defaults = inner.param_groups, inner.state, inner.defaults
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            self.inner.step()
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.copy_(p.to(bf).float())
+                    if self.moments:
+                        for key in ("exp_avg", "exp_avg_sq"):
+                            self.state[p][key].copy_(self.state[p][key].to(bf).float())
+
+        def zero_grad(self, set_to_none=True):
+            self.inner.zero_grad(set_to_none=set_to_none)
+
     if variant in ("bf16-fp32state", "bf16"):  # plain AdamW whose update lands on bf16 values
-        rec.make_optimizer = lambda params, cfg: _Rounded(torch.optim.AdamW(params, lr=cfg.lr), variant == "bf16")
+        rec.make_optimizer = lambda params, cfg: Rounded(torch.optim.AdamW(params, lr=cfg.lr), variant == "bf16")
     data = load_data(WORK / "data.pt")
     ids, held = data["recovery"][: tokens // 128], data["heldout"]
     start = time.perf_counter()

@@ -32,10 +32,10 @@ def run_evaluate(model_spec: str, tasks: str | list[str] = DEFAULT_TASKS, limit:
     names, device = parse_tasks(tasks), resolve_device(device)
     if output is not None:
         check_output(output)  # before minutes of evaluation, not when writing the result
-    start = time.perf_counter()
     if parallelize:
         folder = model_folder(model_spec)  # raises IterabreError naming the model
         layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+        start = time.perf_counter()  # lm-eval loads the model itself: its load is counted
         results = evaluate_parallel(folder, names, limit=limit, batch_size=batch_size)
     else:
         model, tokenizer = load_model(model_spec, device=device)  # raises IterabreError naming the model
