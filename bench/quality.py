@@ -335,19 +335,22 @@ def run_all(name: str, s: dict, units: dict, plan: list[tuple[str, str]]) -> dic
 # Every recipe gets the same total FLOPs F: its scoring passes plus its recovery work, counted
 # as iterabre.flops counts them (matmuls and attention, from the shapes). F defaults to what
 # one-shot output scoring plus `--equal-kd-tokens` tokens of KD cost. Each recipe's knob is
-# solved from the per-token formulas so that it spends F; after the job the recovery FLOPs
-# the flow recorded (RecoveryResult.flops) replace the prediction in the table. Left out of F
+# solved from the per-token formulas so that it spends F; after the job the scoring and recovery
+# FLOPs the flow recorded (report.json "compute", RecoveryResult.flops) replace the prediction. Left out of F
 # for every recipe alike: the held-out KD loss `recover` measures before and after each phase
 # for the report (it decides nothing), and reconstruct's Gram sums and solve (not matmul
-# modules; ~3 % of its cost on SmolLM2). Scoring FLOPs are the hand count the tests check
-# (calibration tokens x (L + L(L-1)/2) block forwards per scoring pass of the output scorer).
+# modules; ~3 % of its cost on SmolLM2). `scoring_flops` is the hand count the tests check.
 
-EQUAL_RECIPES = {  # name -> (scorer, schedule, recovery method)
-    "oneshot-kd": ("output", "one-shot", "kd"),
-    "oneshot-reconstruct": ("output", "one-shot", "reconstruct"),
-    "oneshot-block-recon": ("output", "one-shot", "block-recon"),
-    "oneshot-block-recon+kd": ("output", "one-shot", "block-recon+kd"),
-    "iterabre": ("output", "iterative", "kd"),
+EQUAL_RECIPES = {  # name -> (scorer, schedule, recovery method, when KD runs: "steps" | "end")
+    "oneshot-kd": ("output", "one-shot", "kd", "steps"),
+    "oneshot-lora-kd": ("output", "one-shot", "lora-kd", "steps"),
+    "oneshot-reconstruct": ("output", "one-shot", "reconstruct", "steps"),
+    "oneshot-block-recon": ("output", "one-shot", "block-recon", "steps"),
+    "oneshot-block-recon+kd": ("output", "one-shot", "block-recon+kd", "steps"),
+    "iterabre": ("output", "iterative", "kd", "steps"),  # the paper: KD after every removal (increasing budget)
+    "shortgpt-kd": ("block-influence", "one-shot", "kd", "steps"),  # ShortGPT's block influence, then KD
+    "angular-kd": ("angular", "one-shot", "kd", "steps"),  # Gromov et al.'s contiguous run, then KD
+    "sleb-kd": ("perplexity", "iterative", "kd", "end"),  # SLEB: re-scored after each removal, KD once at the end
 }
 EQUAL_DEFAULT = "oneshot-kd,oneshot-reconstruct,oneshot-block-recon,oneshot-block-recon+kd"
 REPORT_CHECKS = {"block-recon+kd": 4, "reconstruct+kd": 4}  # held-out KD losses per phase (2 for the others)
@@ -396,16 +399,24 @@ def equal_settings(args) -> dict:
     return s
 
 
-def scoring_flops(sh: Shapes, s: dict, schedule: str) -> int:
-    """Output scorer: per calibration token L + L(L-1)/2 block forwards per scoring pass (one, or one per step)."""
+def scoring_flops(sh: Shapes, s: dict, scorer: str, schedule: str) -> int:
+    """Block forwards per calibration token and scoring pass (one pass, or one per step at depth L):
+    pair scorers (block-influence, angular) one pass over the stack, L; output L + L(L-1)/2 (the dense
+    stream and every candidate's suffix); perplexity the same plus an LM head per candidate. The flow
+    measures what ran (the table shows that); the perplexity scorer's identity-pass check adds two LM
+    heads over one batch there, left out of this prediction."""
     calib = -(-s["calib_tokens"] // s["seq_len"]) * s["seq_len"]  # whole windows
     depths = [sh.layers] if schedule == "one-shot" else [sh.layers - i for i in range(s["blocks"])]
-    return sum(calib * (L + L * (L - 1) // 2) * sh.blk for L in depths)
+    per_pass = {"block-influence": lambda L: L * sh.blk, "angular": lambda L: L * sh.blk,
+                "output": lambda L: (L + L * (L - 1) // 2) * sh.blk,
+                "perplexity": lambda L: (L + L * (L - 1) // 2) * sh.blk + L * sh.head}[scorer]
+    return sum(calib * per_pass(L) for L in depths)
 
 
-def kd_per_token(sh: Shapes, student_layers: int) -> int:
-    """Teacher forward + student forward and backward (all weights train)."""
-    return sh.model(sh.layers) + 3 * sh.model(student_layers)
+def kd_per_token(sh: Shapes, student_layers: int, lora: bool = False) -> int:
+    """Teacher forward + student forward and backward: all weights train (3x forward), or with LoRA only
+    input gradients pass the frozen weights (2x; the rank-r adapters are left out of the prediction)."""
+    return sh.model(sh.layers) + (2 if lora else 3) * sh.model(student_layers)
 
 
 def report_checks(sh: Shapes, s: dict, student_layers: int, method: str) -> int:
@@ -450,7 +461,7 @@ def _rc_default(name: str):
 def reference_flops(s: dict) -> int:
     """The default budget: one-shot output scoring + equal_kd_tokens tokens of KD of the pruned model."""
     sh = shapes(s["model"], s["seq_len"])
-    return scoring_flops(sh, s, "one-shot") + s["equal_kd_tokens"] * kd_per_token(sh, sh.layers - s["blocks"])
+    return scoring_flops(sh, s, "output", "one-shot") + s["equal_kd_tokens"] * kd_per_token(sh, sh.layers - s["blocks"])
 
 
 def _whole(tokens: float, unit: int) -> int:
@@ -473,18 +484,22 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
     "feasible"}; `removed` (the one-shot removal, same for every one-shot recipe) sizes reconstruct and block-recon.
     """
     sh = shapes(s["model"], s["seq_len"])
-    scorer, schedule, method = EQUAL_RECIPES[name]
-    scoring, Ls = scoring_flops(sh, s, schedule), sh.layers - s["blocks"]
+    scorer, schedule, method, when = EQUAL_RECIPES[name]
+    scoring, Ls = scoring_flops(sh, s, scorer, schedule), sh.layers - s["blocks"]
     left, mb = s["flops"] - scoring, s["kd_batch_size"] * s["seq_len"]
     rec, tokens, spent = {"method": method, "batch_size": s["kd_batch_size"]}, 0, 0
-    if method == "kd" and schedule == "iterative":  # increasing budget: step i of S gets i / (S(S+1)/2)
+    fields = {"scorer": scorer, "schedule": schedule, "budget_schedule": "increasing"}
+    if method == "kd" and schedule == "iterative" and when == "steps":  # step i of S gets i / (S(S+1)/2)
         S = s["blocks"]
         per = sum(i * kd_per_token(sh, sh.layers - i) for i in range(1, S + 1)) / (S * (S + 1) / 2)
         tokens = _whole(left / per, mb)
         spent = tokens * per
-    elif method == "kd":
-        tokens = _whole(left / kd_per_token(sh, Ls), mb)
-        spent = tokens * kd_per_token(sh, Ls)
+    elif method in ("kd", "lora-kd"):  # one phase after the last removal
+        per = kd_per_token(sh, Ls, lora=method == "lora-kd")
+        tokens = _whole(left / per, mb)
+        spent = tokens * per
+        if schedule == "iterative":  # 'final' schedule whose share rounds to every micro-batch
+            fields.update(budget_schedule="final", final_share=1 - 1 / (4 * max(1, tokens // mb)))
     elif method == "reconstruct":
         tokens = _whole(left / (reconstruct_flops(sh, removed, 1)), mb)
         spent = reconstruct_flops(sh, removed, tokens)
@@ -504,7 +519,7 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
         rec["block_recon_steps"] = max(0, int((left - tokens * kd_per_token(sh, Ls) - fixed) // per_step))
         spent = block_recon_flops(sh, s, removed, rec["block_recon_tokens"], rec["block_recon_steps"])
         spent += tokens * kd_per_token(sh, Ls)
-    fields = {"scorer": scorer, "schedule": schedule, "recovery_tokens": tokens, "budget_schedule": "increasing"}
+    fields["recovery_tokens"] = tokens
     return {"fields": fields, "recovery": rec, "scoring": scoring, "recovery_flops": int(spent),
             "feasible": tokens >= mb}
 
@@ -515,6 +530,8 @@ def measured_recovery_flops(report: dict, s: dict) -> int:
     total = 0
     for phase in common.recovery_phases(report):
         r = phase["recovery"]
+        if not r.get("tokens"):  # a step the 'final' schedule gave nothing: no recovery ran
+            continue
         total += r.get("flops", 0) - report_checks(sh, s, phase["num_layers"], r["method"])
     return total
 
@@ -537,16 +554,17 @@ def equal_unit(name: str, s: dict, work: Path, removed: list[int] | None) -> dic
     phases = [{key: p["recovery"].get(key) for key in (*RECOVERY_KEYS, "flops")}
               for p in common.recovery_phases(report)]
     rec_flops = measured_recovery_flops(report, s)
+    scoring = report["compute"]["scoring_flops"]  # what the flow's scoring passes ran (iterabre.flops)
     kd_tokens = plan["fields"]["recovery_tokens"] if "kd" in plan["recovery"]["method"] else 0
     return {"label": name, "feasible": True, "plan": plan, "removed": report["removed_layers"],
-            "recovery": phases, "kd_tokens": kd_tokens, "scoring_flops": plan["scoring"], "recovery_flops": rec_flops,
-            "total_flops": plan["scoring"] + rec_flops, "eval": ev, **headline(ev),
+            "recovery": phases, "kd_tokens": kd_tokens, "scoring_flops": scoring, "recovery_flops": rec_flops,
+            "total_flops": scoring + rec_flops, "eval": ev, **headline(ev),
             "seconds": time.perf_counter() - start}
 
 
 def _oneshot_removal(s: dict, units: dict, work: Path) -> list[int]:
     """The one-shot output removal: from a finished one-shot unit, else by scoring once as the flow does."""
-    done = [u["removed"] for k, u in units.items() if EQUAL_RECIPES.get(k, ("", ""))[1] == "one-shot"
+    done = [u["removed"] for k, u in units.items() if EQUAL_RECIPES.get(k, ("",) * 4)[:2] == ("output", "one-shot")
             and u.get("removed")]
     if done:
         return done[0]
@@ -586,7 +604,8 @@ def run_equal(args) -> None:
              "out; scoring counted by hand (output scorer)")
     if not args.report_only:
         def run(uid, done, work):
-            one_shot = EQUAL_RECIPES[uid][1] == "one-shot" and EQUAL_RECIPES[uid][2] != "kd"
+            scorer, schedule, method, _ = EQUAL_RECIPES[uid]
+            one_shot = scorer == "output" and schedule == "one-shot" and method not in ("kd", "lora-kd")
             return equal_unit(uid, s, work, _oneshot_removal(s, done, work) if one_shot else None)
 
         def save(uid, done):
