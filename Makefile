@@ -48,9 +48,9 @@ $(DATA_STAMP): data.dvc | $(STAMP)
 $(MODEL_STAMP): | $(STAMP)
 	$(BIN)/iterabre models pull smollm2-135m
 
-# The best recipe measured at this budget (docs/BENCHMARKS.md): one-shot removal, least squares then KD.
-DEMO_ARGS ?= --model smollm2-135m --target-layers 27 --schedule one-shot --recovery reconstruct+kd \
-	--recovery-tokens 6144 --calibration-tokens 1024 --eval-limit 0.02 --output outputs/demo
+# `iterabre compress`'s default recipe (one-shot removal, block-wise reconstruction then KD: best at equal
+# compute, docs/BENCHMARKS.md §5) at demo sizes.
+DEMO_ARGS ?= --model smollm2-135m --target-layers 27 --recovery-tokens 6144 --calibration-tokens 1024 --eval-limit 0.02 --output outputs/demo
 
 demo: setup
 	$(BIN)/iterabre compress $(DEMO_ARGS)

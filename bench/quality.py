@@ -352,6 +352,26 @@ EQUAL_RECIPES = {  # name -> (scorer, schedule, recovery method, when KD runs: "
     "angular-kd": ("angular", "one-shot", "kd", "steps"),  # Gromov et al.'s contiguous run, then KD
     "sleb-kd": ("perplexity", "iterative", "kd", "end"),  # SLEB: re-scored after each removal, KD once at the end
 }
+VARIANT_KNOBS = {"lr": float, "block_recon_lr": float}  # `recipe@knob=value`: a RecoveryConfig knob changed
+
+
+def recipe(name: str) -> tuple[tuple[str, str, str, str], dict]:
+    """(EQUAL_RECIPES entry, RecoveryConfig overrides) of a recipe name such as `oneshot-kd@lr=2e-4`."""
+    base, *variant = name.split("@")
+    if base not in EQUAL_RECIPES:
+        raise SystemExit(f"unknown recipe {base!r}: use one of {', '.join(EQUAL_RECIPES)} (optionally @lr=...)")
+    overrides = {}
+    for part in variant:
+        knob, _, value = part.partition("=")
+        if knob not in VARIANT_KNOBS or not value:
+            raise SystemExit(f"bad recipe variant {part!r} in {name!r}: use @KNOB=VALUE, KNOB one of "
+                             f"{', '.join(VARIANT_KNOBS)}")
+        overrides[knob] = VARIANT_KNOBS[knob](value)
+    return EQUAL_RECIPES[base], overrides
+
+
+DEFAULT_RECIPE = "oneshot-block-recon+kd"  # `iterabre compress`'s defaults (tests/test_bench_quality.py holds them equal)
+BASELINES = ("iterabre", "shortgpt-kd", "angular-kd", "sleb-kd")  # the published recipes the default must beat
 EQUAL_DEFAULT = "oneshot-kd,oneshot-reconstruct,oneshot-block-recon,oneshot-block-recon+kd"
 REPORT_CHECKS = {"block-recon+kd": 4, "reconstruct+kd": 4}  # held-out KD losses per phase (2 for the others)
 
@@ -484,10 +504,10 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
     "feasible"}; `removed` (the one-shot removal, same for every one-shot recipe) sizes reconstruct and block-recon.
     """
     sh = shapes(s["model"], s["seq_len"])
-    scorer, schedule, method, when = EQUAL_RECIPES[name]
+    (scorer, schedule, method, when), overrides = recipe(name)
     scoring, Ls = scoring_flops(sh, s, scorer, schedule), sh.layers - s["blocks"]
     left, mb = s["flops"] - scoring, s["kd_batch_size"] * s["seq_len"]
-    rec, tokens, spent = {"method": method, "batch_size": s["kd_batch_size"]}, 0, 0
+    rec, tokens, spent = {"method": method, "batch_size": s["kd_batch_size"], **overrides}, 0, 0
     fields = {"scorer": scorer, "schedule": schedule, "budget_schedule": "increasing"}
     if method == "kd" and schedule == "iterative" and when == "steps":  # step i of S gets i / (S(S+1)/2)
         S = s["blocks"]
@@ -564,7 +584,7 @@ def equal_unit(name: str, s: dict, work: Path, removed: list[int] | None) -> dic
 
 def _oneshot_removal(s: dict, units: dict, work: Path) -> list[int]:
     """The one-shot output removal: from a finished one-shot unit, else by scoring once as the flow does."""
-    done = [u["removed"] for k, u in units.items() if EQUAL_RECIPES.get(k, ("",) * 4)[:2] == ("output", "one-shot")
+    done = [u["removed"] for k, u in units.items() if recipe(k)[0][:2] == ("output", "one-shot")
             and u.get("removed")]
     if done:
         return done[0]
@@ -599,12 +619,14 @@ def run_equal(args) -> None:
     s = equal_settings(args)
     name = args.name or ("quality-equal-quick" if args.quick else "quality-equal")
     recipes = [r.strip() for r in args.equal_recipes.split(",") if r.strip()]
+    for r in recipes:
+        recipe(r)  # an unknown recipe or variant stops here, before any unit runs
     units = {} if args.fresh else common.previous(name, s).get("units", {})
     notes = ("FLOPs per iterabre.flops; budget = scoring + recovery work, report-only held-out KD checks left "
              "out; scoring counted by hand (output scorer)")
     if not args.report_only:
         def run(uid, done, work):
-            scorer, schedule, method, _ = EQUAL_RECIPES[uid]
+            scorer, schedule, method, _ = recipe(uid)[0]
             one_shot = scorer == "output" and schedule == "one-shot" and method not in ("kd", "lora-kd")
             return equal_unit(uid, s, work, _oneshot_removal(s, done, work) if one_shot else None)
 

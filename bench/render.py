@@ -193,6 +193,90 @@ def quality_equal(d: dict) -> str:
                       "wikitext word ppl", "BLiMP acc", "XCOPA acc", "removed (original idx)", "minutes"], rows)
 
 
+def _seed_files(name: str) -> list[dict]:
+    """The result files of a `NAME-seeds` block: NAME-seed0.json, NAME-seed1.json, ... in seed order."""
+    prefix = name.removesuffix("-seeds") + "-seed"
+    paths = [p for p in common.RESULTS.glob(f"{prefix}*.json") if p.stem[len(prefix):].isdigit()]
+    return [json.loads(p.read_text()) for p in sorted(paths, key=lambda p: int(p.stem[len(prefix):]))]
+
+
+def _sd(xs: list[float]) -> float:
+    """Sample standard deviation (0 for one value)."""
+    m = sum(xs) / len(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def _msd(xs: list[float], digits: int) -> str:
+    """'mean ± sd' of per-seed values (the value alone for one seed: it has no spread)."""
+    if len(xs) < 2:
+        return f"{xs[0]:.{digits}f}" if xs else ""
+    return f"{sum(xs) / len(xs):.{digits}f} ± {_sd(xs):.{digits}f}"
+
+
+def _paired(runs: list[dict], a: str, b: str, key: str) -> list[float]:
+    """Per-seed a - b of `key`, over the seeds where both recipes ran."""
+    return [u[a][key] - u[b][key] for u in runs if a in u and b in u]
+
+
+def equal_seeds(files: list[dict]) -> str:
+    """Equal-compute tables over seeds: mean ± sd per recipe, paired differences to the default recipe, the
+    goal (beat every published baseline by more than the seed spread on perplexity, not worse on BLiMP) and
+    the paper's own comparison (iterative vs one-shot, same scorer and recovery)."""
+    from quality import BASELINES, DEFAULT_RECIPE, EQUAL_RECIPES, recipe
+
+    runs = [{k: u for k, u in d["units"].items() if u.get("feasible", True)} for d in files]
+    order = list(EQUAL_RECIPES)  # recipes in their table order, each followed by its @ variants
+    names = sorted({k for r in runs for k in r}, key=lambda k: (order.index(k.split("@")[0]), k))
+    ref, rows = DEFAULT_RECIPE, []
+    for k in names:
+        got = [r[k] for r in runs if k in r]
+        (scorer, schedule, method, when), overrides = recipe(k)
+        d_ppl, d_blimp = _paired(runs, k, ref, "wikitext_word_ppl"), _paired(runs, k, ref, "blimp_acc")
+        rows.append([f"**{k}**" if k == ref else k, scorer, schedule, method + (" at the end" if when == "end" and
+                     schedule == "iterative" else "") + "".join(f", {o} {v:g}" for o, v in overrides.items()), len(got),
+                     sum(u["total_flops"] for u in got) / len(got) / files[0]["settings"]["flops"],
+                     _msd([u["kd_tokens"] for u in got], 0), _msd([u["wikitext_word_ppl"] for u in got], 1),
+                     _msd(d_ppl, 1) if k != ref else "", _msd([u["blimp_acc"] for u in got], 3),
+                     _msd(d_blimp, 3) if k != ref else "", _msd([u["xcopa_acc"] for u in got], 3),
+                     _msd([u["seconds"] / 60 for u in got], 1)])
+    s = files[0]["settings"]
+    head = (f"SmolLM2-135M, {s['blocks']} blocks removed, seeds {', '.join(str(d['settings']['seed']) for d in files)};"
+            f" budget {s['flops'] / 1e12:.1f} TFLOP per recipe (what one-shot output scoring and KD with "
+            f"{s['equal_kd_tokens']} tokens spend), counted from the shapes (`iterabre.flops`). Mean ± sd over "
+            f"the seeds; Δ = recipe − {ref} on the same seed (paired).\n\n")
+    table = md(["recipe", "scorer", "schedule", "recovery", "seeds", "total / budget", "KD tokens",
+                "wikitext word ppl", f"Δ ppl vs {ref}", "BLiMP acc", "Δ BLiMP", "XCOPA acc", "minutes"], rows)
+    return head + table + "\n\n" + "\n".join(_verdicts(runs, names, ref, BASELINES))
+
+
+def _verdicts(runs: list[dict], names: list[str], ref: str, baselines: tuple) -> list[str]:
+    """One line per published baseline (does the default beat it?) and per iterative/one-shot pair."""
+    lines = []
+    for b in (b for b in baselines if b in names):
+        d_ppl, d_blimp = _paired(runs, ref, b, "wikitext_word_ppl"), _paired(runs, ref, b, "blimp_acc")
+        if not d_ppl:
+            continue
+        spread = max(_sd([r[k]["wikitext_word_ppl"] for r in runs if k in r]) for k in (ref, b))
+        stderr = sum(r[ref]["blimp_stderr"] for r in runs if ref in r) / sum(ref in r for r in runs)
+        gain, blimp = -sum(d_ppl) / len(d_ppl), sum(d_blimp) / len(d_blimp)
+        ok = gain > spread and blimp > -stderr
+        verdict = f"goal **{'met' if ok else 'not met'}**" if len(d_ppl) > 1 else "no verdict from one seed"
+        lines.append(f"- {ref} vs {b} ({len(d_ppl)} seed{'s' if len(d_ppl) > 1 else ''}): perplexity {gain:+.1f} "
+                     f"better (seed sd up to {spread:.1f}), BLiMP {blimp:+.3f} (stderr {stderr:.3f}): {verdict}.")
+    from quality import recipe
+
+    for k in names:
+        (scorer, schedule, method, _), overrides = recipe(k)
+        twin = next((o for o in names if recipe(o) == ((scorer, "one-shot", method, "steps"), overrides)), None)
+        if schedule == "iterative" and twin:
+            d_ppl = _paired(runs, k, twin, "wikitext_word_ppl")
+            d_blimp = _paired(runs, k, twin, "blimp_acc")
+            if d_ppl:
+                lines.append(f"- Iterative vs one-shot, {scorer} scorer and {method} ({k} − {twin}, {len(d_ppl)} "
+                             f"seeds): perplexity {_msd(d_ppl, 1)}, BLiMP {_msd(d_blimp, 3)}.")
+    return lines
+
+
 def dtypes(d: dict) -> str:
     """bench/dtypes.py: which precision trained weights get, its bytes and the KD loss it keeps."""
     what = {"fp32": ("float32", "float32", "float32"), "masters": ("**float32 masters** (shipped)", "float32", "bf16"),
@@ -330,16 +414,40 @@ def _quality_row(q: dict) -> list:
             f"{ours['wikitext_word_ppl']:.1f} / {ours['blimp_acc']:.3f}" if ours else "", "BENCHMARKS §5"]
 
 
-def glance(quality: dict, study: dict) -> str:
-    """README's results at a glance: SmolLM2-135M, what each budget keeps, from the result files."""
-    columns = ["blocks removed", "KD tokens", "seeds", "base ppl / BLiMP", "best measured recipe",
+EQUAL_GLANCE = ("quality-equal-6b", "quality-equal-16k")  # the equal-compute seed sets the glance table shows
+
+
+def _equal_row(files: list[dict], base: dict | None) -> list:
+    """Glance row of an equal-compute seed set: its best recipe (lowest mean perplexity) vs the paper's."""
+    from quality import EQUAL_RECIPES
+
+    runs = [{k: u for k, u in d["units"].items() if u.get("feasible", True)} for d in files]
+    by = {k: [r[k] for r in runs if k in r] for k in EQUAL_RECIPES if "@" not in k and any(k in r for r in runs)}
+    best = min(by, key=lambda k: _mean(by[k], "wikitext_word_ppl"))
+    s, ours = files[0]["settings"], by.get("iterabre", [])
+    return [f"{s['blocks']} of 30", f"{s['flops'] / 1e12:.1f} TFLOP (= {s['equal_kd_tokens']} KD tokens)",
+            min(len(v) for v in by.values()),
+            f"{base['wikitext_word_ppl']:.1f} / {base['blimp_acc']:.3f}" if base else "", best,
+            f"{_mean(by[best], 'wikitext_word_ppl'):.1f} / {_mean(by[best], 'blimp_acc'):.3f}",
+            f"{_mean(ours, 'wikitext_word_ppl'):.1f} / {_mean(ours, 'blimp_acc'):.3f}" if ours else "",
+            "BENCHMARKS §5 (equal compute)"]
+
+
+def glance(quality: dict, study: dict, equal: list[list[dict]] = ()) -> str:
+    """README's results at a glance: SmolLM2-135M, what each budget keeps, from the result files; `equal`:
+    equal-compute seed sets (their base is the quality table's when both used the same evaluation)."""
+    columns = ["blocks removed", "budget (KD tokens, or FLOPs)", "seeds", "base ppl / BLiMP", "best measured recipe",
                "its ppl / BLiMP", "iterative output + KD", "source"]
-    return md(columns, _study_rows(study) + [_quality_row(quality)])
+    base = quality["units"]["base"]
+    rows = [_equal_row(files, base if files[0]["settings"]["eval"] == quality["settings"]["eval"] else None)
+            for files in equal if files]
+    return md(columns, rows + _study_rows(study) + [_quality_row(quality)])
 
 
 def glance_from_files() -> str:
-    """`glance` of bench/results/quality.json and budget_study.json."""
-    return glance(*(json.loads(common.result_path(n).read_text()) for n in ("quality", "budget_study")))
+    """`glance` of bench/results/quality.json, budget_study.json and the EQUAL_GLANCE seed sets."""
+    return glance(*(json.loads(common.result_path(n).read_text()) for n in ("quality", "budget_study")),
+                  [_seed_files(n) for n in EQUAL_GLANCE])
 
 
 # result file -> its section of docs/BENCHMARKS.md (tests/test_docs.py checks the anchors)
@@ -432,6 +540,9 @@ def block(name: str) -> str:
     """The text of a doc's `render:NAME` block: the run it came from, its tables, the units not run."""
     if name == "costs":
         return costs_from_files()
+    if name.endswith("-seeds"):  # one table over the seed files NAME-seed<k>.json
+        files = _seed_files(name)
+        return "\n\n".join([machine_line(files[-1]["machine"]), equal_seeds(files)])
     data = json.loads(common.result_path(name).read_text())
     parts = [machine_line(data["machine"], bool(data.get("quick"))), RENDER[_kind(name)](data)]
     if data.get("pending"):

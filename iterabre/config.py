@@ -36,8 +36,9 @@ def knob(default, help: str, choices: tuple | str | None = None):
 class RecoveryConfig:
     """How one recovery (healing) phase trains the pruned student."""
 
-    method: str = knob("kd", "Recovery method: none | kd | lora-kd | reconstruct | reconstruct+kd | block-recon | "
-                             "block-recon+kd.",
+    method: str = knob("block-recon+kd", "Recovery method: none | kd | lora-kd | reconstruct | reconstruct+kd | "
+                                         "block-recon | block-recon+kd (best at equal compute, docs/BENCHMARKS.md "
+                                         "§5).",
                        "iterabre.recovery:RECOVERY_METHODS")
     tokens: int = knob(4096, "Token budget of this phase; the loop sets it from the total budget.")
     batch_size: int = knob(4, "Recovery sequences per micro-batch.")
@@ -86,7 +87,8 @@ class CompressConfig:
     target_ratio: float | None = knob(None, "Fraction of blocks to keep, e.g. 0.8.")
     scorer: str = knob("output", "How blocks are scored: output | block-influence | angular | perplexity.",
                        "iterabre.scorers:SCORERS")
-    schedule: str = knob("iterative", "iterative (IteRABRe) | one-shot (baseline).", SCHEDULES)
+    schedule: str = knob("one-shot", "one-shot (score once, remove all, recover once: best at equal compute, "
+                                     "docs/BENCHMARKS.md §5) | iterative (IteRABRe).", SCHEDULES)
     blocks_per_step: int = knob(1, "Blocks removed per iteration (iterative schedule).")
     teacher: str = knob("base", "Whom the student distils from: base | previous.", TEACHERS)
     calibration: str = knob("wikitext", "Scoring and recovery text: wikitext | self-generated.", CALIBRATIONS)

@@ -167,3 +167,63 @@ def test_units_through_the_flow_on_a_tiny_model(tiny_model_dir, tmp_path, monkey
     assert healed["recovery_tokens"] == 512 and len(healed["recovery"]) == 1
     assert len(evaluated) == 2 + 1 + 1 + 1  # every model existed when it was evaluated
     assert not list(tmp_path.glob("perplexity*"))  # job folders are removed after their unit
+
+
+# ---------------------------------------------------------------- equal compute
+
+def test_the_default_recipe_is_what_compress_runs_by_default():
+    """docs/BENCHMARKS.md measures DEFAULT_RECIPE against the baselines: it must be the CLI's defaults."""
+    from iterabre.config import CompressConfig
+
+    scorer, schedule, method, _ = quality.EQUAL_RECIPES[quality.DEFAULT_RECIPE]
+    cfg = CompressConfig()
+    assert (cfg.scorer, cfg.schedule, cfg.recovery.method) == (scorer, schedule, method)
+
+
+@pytest.mark.parametrize("scorer, n", [("output", 1), ("block-influence", 1), ("angular", 2), ("perplexity", 1)])
+def test_planned_scoring_flops_match_what_the_flow_measures(tiny_model_dir, tmp_path, scorer, n):
+    """The budget solver's scoring prediction is the count of what the streamed scorer runs (perplexity: less
+    the two LM heads of its identity-pass check over the first batch, which the prediction leaves out)."""
+    import torch
+
+    from iterabre import steps
+
+    seq, windows = 16, 8
+    ids = torch.randint(0, 256, (windows, seq), generator=torch.Generator().manual_seed(0))
+    torch.save({"calib": ids}, tmp_path / "data.pt")
+    measured = steps.score(tiny_model_dir, tmp_path / "data.pt", scorer, n, "cpu")["flops"]
+    sh = quality.shapes(str(tiny_model_dir), seq)
+    s = {"calib_tokens": windows * seq, "seq_len": seq, "blocks": n}
+    check = 2 * 4 * seq * sh.head if scorer == "perplexity" else 0  # first batch: 4 windows (scorer default)
+    assert quality.scoring_flops(sh, s, scorer, "one-shot") == measured - check
+
+
+def test_recipe_variants_change_one_knob_and_bad_ones_stop():
+    assert quality.recipe("oneshot-kd@lr=2e-4") == (quality.EQUAL_RECIPES["oneshot-kd"], {"lr": 2e-4})
+    assert quality.recipe("sleb-kd") == (quality.EQUAL_RECIPES["sleb-kd"], {})
+    for bad in ("nope", "oneshot-kd@lx=1", "oneshot-kd@lr="):
+        with pytest.raises(SystemExit):
+            quality.recipe(bad)
+
+
+def _seed_file(seed: int, ppl: dict, blimp: dict) -> dict:
+    units = {k: {"feasible": True, "wikitext_word_ppl": v, "blimp_acc": blimp[k], "blimp_stderr": 0.015,
+                 "xcopa_acc": 0.5, "kd_tokens": 0, "total_flops": 1.0, "seconds": 60.0} for k, v in ppl.items()}
+    return {"settings": {"seed": seed, "blocks": 6, "flops": 1.0, "equal_kd_tokens": 1}, "units": units}
+
+
+def test_equal_seeds_table_states_whether_the_default_beats_each_baseline():
+    sys.path.insert(0, str(common.REPO / "bench"))
+    import render
+
+    ref = quality.DEFAULT_RECIPE
+    files = [_seed_file(0, {ref: 40.0, "iterabre": 50.0, "angular-kd": 40.5, "oneshot-kd": 45.0},
+                        {ref: 0.71, "iterabre": 0.72, "angular-kd": 0.71, "oneshot-kd": 0.72}),
+             _seed_file(1, {ref: 41.0, "iterabre": 52.0, "angular-kd": 40.9, "oneshot-kd": 46.0},
+                        {ref: 0.72, "iterabre": 0.70, "angular-kd": 0.72, "oneshot-kd": 0.71})]
+    text = render.equal_seeds(files)
+    lines = {line.split(" (")[0]: line for line in text.splitlines() if line.startswith("- ")}
+    assert "goal **met**" in lines[f"- {ref} vs iterabre"]  # 10.5 better, seed sd up to 1.4
+    assert "goal **not met**" in lines[f"- {ref} vs angular-kd"]  # 0.2 better: inside the seed spread
+    assert "perplexity 5.5 ± 0.7" in lines["- Iterative vs one-shot, output scorer and kd"]  # iterabre - oneshot-kd
+    assert "| 40.5 ± 0.7 |" in text  # the default's mean ± sd

@@ -236,12 +236,18 @@ def test_scoring_flops_are_returned_and_match_a_hand_count(tiny_model_dir, tmp_p
 
     ids, _ = _windows(4)
     torch.save({"calib": ids}, tmp_path / "data.pt")
-    block, _ = _hand_counts(tiny_model("llama", num_layers=6))
+    block, head = _hand_counts(tiny_model("llama", num_layers=6))
     tokens, L = ids.numel(), 6
     pair = steps.score(tiny_model_dir, tmp_path / "data.pt", "block-influence", 1, "cpu")
     assert pair["flops"] == tokens * L * block  # one pass over the stack, no LM head
     output = steps.score(tiny_model_dir, tmp_path / "data.pt", "output", 1, "cpu")
     assert output["flops"] == tokens * (L + L * (L - 1) // 2) * block  # dense stream + every candidate's suffix
+    angular = steps.score(tiny_model_dir, tmp_path / "data.pt", "angular", 3, "cpu")
+    assert angular["flops"] == tokens * L * block  # runs of n compare cached inputs: still one pass
+    ppl = steps.score(tiny_model_dir, tmp_path / "data.pt", "perplexity", 1, "cpu")
+    # as output, plus an LM head per candidate, plus two over the first batch (here all 4 windows)
+    # for the identity pass's logits check
+    assert ppl["flops"] == tokens * ((L + L * (L - 1) // 2) * block + (L + 2) * head)
 
 
 # ---------------------------------------------------------------- the flow and the real model
@@ -252,13 +258,31 @@ def test_block_recon_in_the_flow_after_every_removal(tiny_model_dir, tmp_path):
 
     rec = RecoveryConfig(method="block-recon", batch_size=4, block_recon_steps=5, block_recon_batch_size=2)
     cfg = CompressConfig(model=str(tiny_model_dir), target_layers=4, calibration_tokens=128, recovery_tokens=256,
-                         seq_len=32, eval_tasks="", device="cpu", output=str(tmp_path / "out"), recovery=rec)
+                         seq_len=32, eval_tasks="", device="cpu", output=str(tmp_path / "out"), recovery=rec,
+                         schedule="iterative")
     report = run_from_cli(cfg, max_ppl_ratio=1e9, min_blimp_retained=0.0)
     assert len(report["steps"]) == 2
     for step in report["steps"]:
         rec = step["recovery"]
         assert rec["method"] == "block-recon" and rec["flops"] > 0 and rec["tokens"] > 0
         assert rec["extra"]["block_recon"]["units"] and "heldout_rel_error_after" in rec
+
+
+def test_the_default_recipe_runs_through_the_flow(tiny_model_dir, tmp_path):
+    """`iterabre compress` with no recipe options: one scoring pass, every block removed at once, then
+    block-wise reconstruction and KD in one recovery phase."""
+    from flows.compress import run_from_cli
+    from iterabre.config import CompressConfig
+
+    cfg = CompressConfig(model=str(tiny_model_dir), target_layers=4, calibration_tokens=128, recovery_tokens=256,
+                         seq_len=32, eval_tasks="", device="cpu", output=str(tmp_path / "out"),
+                         recovery=RecoveryConfig(batch_size=4, block_recon_steps=5, block_recon_batch_size=2))
+    report = run_from_cli(cfg, max_ppl_ratio=1e9, min_blimp_retained=0.0)
+    [step] = report["steps"]
+    assert len(step["removed"]) == 2 and report["final_num_layers"] == 4
+    rec = step["recovery"]
+    assert rec["method"] == "block-recon+kd" and rec["tokens"] == 256 and rec["extra"]["block_recon"]["units"]
+    assert rec["loss_after"] < rec["loss_before"]
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ from iterabre.tiny import byte_tokenizer, tiny_model
 def _cfg(**kw) -> CompressConfig:
     """A config whose micro-batch is 1 x 32 tokens, so budgets are multiples of 32."""
     base = dict(model="x", target_layers=4, calibration_tokens=128, recovery_tokens=1024, seq_len=32,
-                eval_tasks="", device="cpu", recovery=RecoveryConfig(batch_size=1))
+                eval_tasks="", device="cpu", schedule="iterative",
+                recovery=RecoveryConfig(method="kd", batch_size=1))
     return CompressConfig(**{**base, **kw})
 
 
@@ -242,7 +243,8 @@ def test_extra_range_adds_carry_windows(tiny_model_dir, tmp_path, monkeypatch):
 def _flow_config(model_dir, output, **kw) -> CompressConfig:
     """6 -> 4 blocks in two steps on a tiny model, 128-token micro-batches, no evaluation."""
     base = dict(model=str(model_dir), target_layers=4, calibration_tokens=128, seq_len=32, eval_tasks="",
-                device="cpu", output=str(output), recovery=RecoveryConfig(batch_size=4, lr=1e-3))
+                device="cpu", output=str(output), schedule="iterative",
+                recovery=RecoveryConfig(method="kd", batch_size=4, lr=1e-3))
     return CompressConfig(**{**base, **kw})
 
 

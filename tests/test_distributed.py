@@ -30,7 +30,7 @@ from iterabre.tiny import tiny_model
 
 WEIGHT_TOL = 1e-5  # max |w_2proc - w_1proc|; measured 3e-7, training moves weights by ~2.5e-3
 LOSS_ATOL = 1e-5  # nats; measured 5e-7
-RECOVERY = dict(tokens=512, batch_size=4, lr=1e-3)  # 4 optimizer steps of 4 windows x 32 tokens
+RECOVERY = dict(method="kd", tokens=512, batch_size=4, lr=1e-3)  # 4 optimizer steps of 4 windows x 32 tokens
 
 
 def _cfg(**kw) -> CompressConfig:
@@ -225,6 +225,24 @@ def test_fsdp2_in_two_processes_matches_one(work):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_the_default_recipe_in_two_processes_matches_one(work, fsdp):
+    """block-recon+kd (the default): every process repairs the gap block alike on the whole windows, then
+    KD is shared as for kd; the result equals one process's."""
+    root, data, _ = work
+    rec = {**RECOVERY, "method": "block-recon+kd", "block_recon_steps": 4, "block_recon_batch_size": 2}
+    one = steps.recover(root / "student", root / "teacher", data, rec, [2], (0, 16), root / "default-one", "cpu")
+    out = root / f"default-two-{fsdp}"
+    two = steps.recover(root / "student", root / "teacher", data, rec, [2], (0, 16), out, "cpu",
+                        num_processes=2, fsdp=fsdp)
+    assert two["method"] == one["method"] == "block-recon+kd" and two["world_size"] == 2
+    assert len(set(two["rank_digests"])) == 1  # the processes agree
+    ref, got = load_file(root / "default-one" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert max(float((got[k] - ref[k]).abs().max()) for k in ref) < WEIGHT_TOL
+    assert two["loss_after"] == pytest.approx(one["loss_after"], abs=LOSS_ATOL)
+
+
+@pytest.mark.slow
 def test_a_user_error_in_the_processes_is_raised_as_one(work):
     root, data, _ = work
     with pytest.raises(IterabreError, match="trainable='adjacent' needs the removed block indices"):
@@ -238,8 +256,8 @@ def test_flow_with_two_processes_removes_the_same_blocks_and_resumes(tiny_model_
     from flows.compress import run_from_cli
 
     def job(n: int) -> CompressConfig:  # 6 -> 4 blocks in two steps
-        return _cfg(model=str(tiny_model_dir), output=str(tmp_path / f"n{n}"), num_processes=n,
-                    recovery=RecoveryConfig(batch_size=4, lr=1e-3))
+        return _cfg(model=str(tiny_model_dir), output=str(tmp_path / f"n{n}"), num_processes=n, schedule="iterative",
+                    recovery=RecoveryConfig(method="kd", batch_size=4, lr=1e-3))
 
     one = run_from_cli(job(1))
     two = run_from_cli(job(2))

@@ -57,7 +57,7 @@ def _config(model_dir, output, tokens: int = 256, **kw) -> CompressConfig:
     """6 -> 4 blocks in two steps; no evaluation, so every task is cheap."""
     return CompressConfig(model=str(model_dir), target_layers=4, calibration_tokens=128, recovery_tokens=tokens,
                           seq_len=32, eval_tasks="", device="cpu", output=str(output),
-                          recovery=RecoveryConfig(batch_size=4, lr=1e-3), **kw)
+                          schedule="iterative", recovery=RecoveryConfig(method="kd", batch_size=4, lr=1e-3), **kw)
 
 
 def _start(cfg: CompressConfig, env: dict, log: Path, kill_at: str = "none") -> subprocess.Popen:
@@ -138,8 +138,8 @@ import signal, sys, time
 from flows import lifecycle
 lifecycle.STOP_GRACE_S = float(sys.argv[1])
 with lifecycle.signals_as_interrupts():
-    print("ready", flush=True)
     try:
+        print("ready", flush=True)  # inside the try: the signal may come before the sleep starts
         time.sleep(60)
     except KeyboardInterrupt:
         print("unwinding", flush=True)

@@ -14,10 +14,11 @@ from iterabre.errors import IterabreError
 
 
 def tiny_config(model_dir, output, **kw) -> CompressConfig:
-    """6 -> 4 blocks in two steps, a few hundred tokens each; no evaluation unless asked."""
+    """6 -> 4 blocks in two steps (the iterative schedule, KD), a few hundred tokens each; no evaluation unless
+    asked."""
     base = dict(model=str(model_dir), target_layers=4, calibration_tokens=128, recovery_tokens=256, seq_len=32,
-                eval_tasks="", device="cpu", output=str(output),
-                recovery=RecoveryConfig(batch_size=4, lr=1e-3))
+                eval_tasks="", device="cpu", output=str(output), schedule="iterative",
+                recovery=RecoveryConfig(method="kd", batch_size=4, lr=1e-3))
     return CompressConfig(**{**base, **kw})
 
 

@@ -23,7 +23,7 @@ def _config(model_dir, output) -> CompressConfig:
     """6 -> 3 blocks in three steps, slow enough to be killed in the middle."""
     return CompressConfig(model=str(model_dir), target_layers=3, calibration_tokens=128, recovery_tokens=1536,
                           seq_len=32, eval_tasks="", device="cpu", output=str(output),
-                          recovery=RecoveryConfig(batch_size=4, lr=1e-3))
+                          schedule="iterative", recovery=RecoveryConfig(method="kd", batch_size=4, lr=1e-3))
 
 
 def _start(cfg: CompressConfig, env: dict, log: Path) -> subprocess.Popen:

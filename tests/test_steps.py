@@ -33,9 +33,10 @@ def test_target_must_leave_fewer_but_some_blocks():
 
 
 @pytest.mark.parametrize("kw, expected", [
-    (dict(target_layers=26), [1, 1, 1, 1]),
-    (dict(target_layers=25, blocks_per_step=2), [2, 2, 1]),
+    (dict(target_layers=26, schedule="iterative"), [1, 1, 1, 1]),
+    (dict(target_layers=25, schedule="iterative", blocks_per_step=2), [2, 2, 1]),
     (dict(target_layers=25, schedule="one-shot"), [5]),
+    (dict(target_layers=25), [5]),  # the default schedule is one-shot
 ])
 def test_blocks_removed_per_step(kw, expected):
     assert planning.num_steps_for(_cfg(**kw), 30) == expected
