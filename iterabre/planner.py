@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iterabre.config import CompressConfig, RecoveryConfig
 from iterabre.devices import available_ram
 from iterabre.errors import IterabreError
 
@@ -231,9 +232,9 @@ class Job:
     """The settings that decide memory: what is trained, in which precision, on how many processes."""
 
     target_layers: int
-    schedule: str = "iterative"
-    blocks_per_step: int = 1
-    method: str = "kd"
+    schedule: str = CompressConfig.schedule  # the job's defaults are `iterabre compress`'s
+    blocks_per_step: int = CompressConfig.blocks_per_step
+    method: str = RecoveryConfig.method
     trainable: str = "all"
     lora_rank: int = 8
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
