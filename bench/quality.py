@@ -74,7 +74,9 @@ def parse_args() -> argparse.Namespace:
                         "tokens of KD)")
     p.add_argument("--equal-kd-tokens", type=int, default=8192, help="KD tokens that define the default budget")
     p.add_argument("--equal-seed", type=int, default=0, help="seed of the equal-compute jobs (data split, training)")
-    p.add_argument("--equal-recipes", default=EQUAL_DEFAULT, help="comma list of: " + ", ".join(EQUAL_RECIPES))
+    p.add_argument("--equal-recipes", default=EQUAL_DEFAULT,
+                   help="comma list of: " + ", ".join(EQUAL_RECIPES) + "; RECIPE@lr=X (or @block_recon_lr=X) "
+                        "changes that knob")
     common.add_result_args(p, "quality")
     return p.parse_args()
 
