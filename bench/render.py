@@ -246,7 +246,11 @@ def equal_seeds(files: list[dict]) -> str:
             f"the seeds; Δ = recipe − {ref} on the same seed (paired).\n\n")
     table = md(["recipe", "scorer", "schedule", "recovery", "seeds", "total / budget", "KD tokens",
                 "wikitext word ppl", f"Δ ppl vs {ref}", "BLiMP acc", "Δ BLiMP", "XCOPA acc", "minutes"], rows)
-    return head + table + "\n\n" + "\n".join(_verdicts(runs, names, ref, BASELINES))
+    starved = [(d["settings"]["seed"], k, u) for d in files for k, u in d["units"].items()
+               if not u.get("feasible", True)]
+    lines = [f"- {k} (seed {seed}): its scoring alone is predicted to cost {u['plan']['scoring'] / 1e12:.1f} "
+             f"TFLOP, so no KD micro-batch is affordable; not run." for seed, k, u in starved]
+    return head + table + "\n\n" + "\n".join(_verdicts(runs, names, ref, BASELINES) + lines)
 
 
 def _verdicts(runs: list[dict], names: list[str], ref: str, baselines: tuple) -> list[str]:
@@ -260,9 +264,12 @@ def _verdicts(runs: list[dict], names: list[str], ref: str, baselines: tuple) ->
         stderr = sum(r[ref]["blimp_stderr"] for r in runs if ref in r) / sum(ref in r for r in runs)
         gain, blimp = -sum(d_ppl) / len(d_ppl), sum(d_blimp) / len(d_blimp)
         ok = gain > spread and blimp > -stderr
-        verdict = f"goal **{'met' if ok else 'not met'}**" if len(d_ppl) > 1 else "no verdict from one seed"
-        lines.append(f"- {ref} vs {b} ({len(d_ppl)} seed{'s' if len(d_ppl) > 1 else ''}): perplexity {gain:+.1f} "
-                     f"better (seed sd up to {spread:.1f}), BLiMP {blimp:+.3f} (stderr {stderr:.3f}): {verdict}.")
+        if len(d_ppl) > 1:
+            lines.append(f"- {ref} vs {b} ({len(d_ppl)} seeds): perplexity {gain:+.1f} better (seed sd up to "
+                         f"{spread:.1f}), BLiMP {blimp:+.3f} (stderr {stderr:.3f}): goal **{'met' if ok else 'not met'}**.")
+        else:
+            lines.append(f"- {ref} vs {b} (1 seed): perplexity {gain:+.1f} better, BLiMP {blimp:+.3f} (stderr "
+                         f"{stderr:.3f}): no verdict from one seed.")
     from quality import recipe
 
     for k in names:
