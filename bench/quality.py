@@ -625,7 +625,7 @@ def run_equal(args) -> None:
         recipe(r)  # an unknown recipe or variant stops here, before any unit runs
     units = {} if args.fresh else common.previous(name, s).get("units", {})
     notes = ("FLOPs per iterabre.flops; budget = scoring + recovery work, report-only held-out KD checks left "
-             "out; scoring counted by hand (output scorer)")
+             "out; scoring as the flow measured it")
     if not args.report_only:
         def run(uid, done, work):
             scorer, schedule, method, _ = recipe(uid)[0]

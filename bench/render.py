@@ -218,13 +218,18 @@ def _paired(runs: list[dict], a: str, b: str, key: str) -> list[float]:
     return [u[a][key] - u[b][key] for u in runs if a in u and b in u]
 
 
+def _feasible(files: list[dict]) -> list[dict]:
+    """Per seed file, the units that ran (a recipe whose scoring spent the whole budget did not)."""
+    return [{k: u for k, u in d["units"].items() if u.get("feasible", True)} for d in files]
+
+
 def equal_seeds(files: list[dict]) -> str:
     """Equal-compute tables over seeds: mean ± sd per recipe, paired differences to the default recipe, the
     goal (beat every published baseline by more than the seed spread on perplexity, not worse on BLiMP) and
     the paper's own comparison (iterative vs one-shot, same scorer and recovery)."""
     from quality import BASELINES, DEFAULT_RECIPE, EQUAL_RECIPES, recipe
 
-    runs = [{k: u for k, u in d["units"].items() if u.get("feasible", True)} for d in files]
+    runs = _feasible(files)
     order = list(EQUAL_RECIPES)  # recipes in their table order, each followed by its @ variants
     names = sorted({k for r in runs for k in r}, key=lambda k: (order.index(k.split("@")[0]), k))
     ref, rows = DEFAULT_RECIPE, []
@@ -255,6 +260,8 @@ def equal_seeds(files: list[dict]) -> str:
 
 def _verdicts(runs: list[dict], names: list[str], ref: str, baselines: tuple) -> list[str]:
     """One line per published baseline (does the default beat it?) and per iterative/one-shot pair."""
+    from quality import recipe
+
     lines = []
     for b in (b for b in baselines if b in names):
         d_ppl, d_blimp = _paired(runs, ref, b, "wikitext_word_ppl"), _paired(runs, ref, b, "blimp_acc")
@@ -270,8 +277,6 @@ def _verdicts(runs: list[dict], names: list[str], ref: str, baselines: tuple) ->
         else:
             lines.append(f"- {ref} vs {b} (1 seed): perplexity {gain:+.1f} better, BLiMP {blimp:+.3f} (stderr "
                          f"{stderr:.3f}): no verdict from one seed.")
-    from quality import recipe
-
     for k in names:
         (scorer, schedule, method, _), overrides = recipe(k)
         twin = next((o for o in names if recipe(o) == ((scorer, "one-shot", method, "steps"), overrides)), None)
@@ -428,8 +433,8 @@ def _equal_row(files: list[dict], base: dict | None) -> list:
     """Glance row of an equal-compute seed set: its best recipe (lowest mean perplexity) vs the paper's."""
     from quality import EQUAL_RECIPES
 
-    runs = [{k: u for k, u in d["units"].items() if u.get("feasible", True)} for d in files]
-    by = {k: [r[k] for r in runs if k in r] for k in EQUAL_RECIPES if "@" not in k and any(k in r for r in runs)}
+    runs = _feasible(files)
+    by = {k: [r[k] for r in runs if k in r] for k in EQUAL_RECIPES if any(k in r for r in runs)}
     best = min(by, key=lambda k: _mean(by[k], "wikitext_word_ppl"))
     s, ours = files[0]["settings"], by.get("iterabre", [])
     return [f"{s['blocks']} of 30", f"{s['flops'] / 1e12:.1f} TFLOP (= {s['equal_kd_tokens']} KD tokens)",

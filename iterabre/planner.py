@@ -232,22 +232,23 @@ class Job:
     """The settings that decide memory: what is trained, in which precision, on how many processes."""
 
     target_layers: int
-    schedule: str = CompressConfig.schedule  # the job's defaults are `iterabre compress`'s
+    # Every default but `device` is `iterabre compress`'s, read from the config (one place for each).
+    schedule: str = CompressConfig.schedule
     blocks_per_step: int = CompressConfig.blocks_per_step
     method: str = RecoveryConfig.method
-    trainable: str = "all"
-    lora_rank: int = 8
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
+    trainable: str = RecoveryConfig.trainable
+    lora_rank: int = RecoveryConfig.lora_rank
+    dtype: str = CompressConfig.dtype  # auto: bfloat16 on CUDA, float32 on the CPU
     device: str = "cpu"
-    num_processes: int = 1
-    fsdp: bool = False
-    batch_size: int = 4  # global micro-batch, split over the processes
-    seq_len: int = 128
-    calibration_tokens: int = 2048
-    grad_checkpointing: bool = False  # asked for; the planner may switch it on by itself
-    scorer: str = "output"
-    eval_tasks: str = "wikitext,blimp,xcopa"
-    eval_parallelize: bool = False  # weights split over the GPUs; the planner takes them to be num_processes
+    num_processes: int = CompressConfig.num_processes
+    fsdp: bool = CompressConfig.fsdp
+    batch_size: int = RecoveryConfig.batch_size  # global micro-batch, split over the processes
+    seq_len: int = CompressConfig.seq_len
+    calibration_tokens: int = CompressConfig.calibration_tokens
+    grad_checkpointing: bool = RecoveryConfig.grad_checkpointing  # asked for; the planner may switch it on by itself
+    scorer: str = CompressConfig.scorer
+    eval_tasks: str = CompressConfig.eval_tasks
+    eval_parallelize: bool = CompressConfig.eval_parallelize  # weights split over the GPUs (num_processes)
 
 
 def working_dtype(job: Job) -> str:
