@@ -75,8 +75,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--equal-kd-tokens", type=int, default=8192, help="KD tokens that define the default budget")
     p.add_argument("--equal-seed", type=int, default=0, help="seed of the equal-compute jobs (data split, training)")
     p.add_argument("--equal-recipes", default=EQUAL_DEFAULT,
-                   help="comma list of: " + ", ".join(EQUAL_RECIPES) + "; RECIPE@lr=X (or @block_recon_lr=X) "
-                        "changes that knob")
+                   help="comma list of: " + ", ".join(EQUAL_RECIPES) + "; RECIPE@lr=X (or @block_recon_lr=X, "
+                        "@calibration=self-generated) changes that knob")
     common.add_result_args(p, "quality")
     return p.parse_args()
 
@@ -354,20 +354,25 @@ EQUAL_RECIPES = {  # name -> (scorer, schedule, recovery method, when KD runs: "
     "angular-kd": ("angular", "one-shot", "kd", "steps"),  # Gromov et al.'s contiguous run, then KD
     "sleb-kd": ("perplexity", "iterative", "kd", "end"),  # SLEB: re-scored after each removal, KD once at the end
 }
-VARIANT_KNOBS = {"lr": float, "block_recon_lr": float}  # `recipe@knob=value`: a RecoveryConfig knob changed
+VARIANT_KNOBS = {"lr": float, "block_recon_lr": float,  # `recipe@knob=value`: a RecoveryConfig knob changed
+                 "calibration": str}  # ... or one of JOB_KNOBS, a CompressConfig knob
+JOB_KNOBS = ("calibration",)
 
 
 def recipe(name: str) -> tuple[tuple[str, str, str, str], dict]:
-    """(EQUAL_RECIPES entry, RecoveryConfig overrides) of a recipe name such as `oneshot-kd@lr=2e-4`."""
+    """(EQUAL_RECIPES entry, knob overrides) of a recipe name such as `oneshot-kd@lr=2e-4` or
+    `oneshot-block-recon+kd@calibration=self-generated`."""
+    from iterabre.config import CALIBRATIONS
+
     base, *variant = name.split("@")
     if base not in EQUAL_RECIPES:
         raise SystemExit(f"unknown recipe {base!r}: use one of {', '.join(EQUAL_RECIPES)} (optionally @lr=...)")
     overrides = {}
     for part in variant:
         knob, _, value = part.partition("=")
-        if knob not in VARIANT_KNOBS or not value:
+        if knob not in VARIANT_KNOBS or not value or (knob == "calibration" and value not in CALIBRATIONS):
             raise SystemExit(f"bad recipe variant {part!r} in {name!r}: use @KNOB=VALUE, KNOB one of "
-                             f"{', '.join(VARIANT_KNOBS)}")
+                             f"{', '.join(VARIANT_KNOBS)} (calibration: {' | '.join(CALIBRATIONS)})")
         overrides[knob] = VARIANT_KNOBS[knob](value)
     return EQUAL_RECIPES[base], overrides
 
@@ -480,6 +485,18 @@ def _rc_default(name: str):
     return getattr(RecoveryConfig(), name)
 
 
+def generation_flops(sh: Shapes, s: dict, method: str, calibration: str) -> int:
+    """Sampling the self-generated text (scoring windows, then block-recon's `block_recon_tokens`): one
+    forward of the base model per token. An upper bound: with a KV cache iterabre.flops counts each
+    step's attention at T=1, this at T=seq_len (~2 % of a SmolLM2 forward)."""
+    if calibration != "self-generated":
+        return 0
+    windows = -(-s["calib_tokens"] // s["seq_len"])
+    if method.startswith("block-recon"):
+        windows += -(-_rc_default("block_recon_tokens") // s["seq_len"])
+    return windows * s["seq_len"] * sh.model(sh.layers)
+
+
 def reference_flops(s: dict) -> int:
     """The default budget: one-shot output scoring + equal_kd_tokens tokens of KD of the pruned model."""
     sh = shapes(s["model"], s["seq_len"])
@@ -507,10 +524,14 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
     """
     sh = shapes(s["model"], s["seq_len"])
     (scorer, schedule, method, when), overrides = recipe(name)
+    job = {k: v for k, v in overrides.items() if k in JOB_KNOBS}
     scoring, Ls = scoring_flops(sh, s, scorer, schedule), sh.layers - s["blocks"]
-    left, mb = s["flops"] - scoring, s["kd_batch_size"] * s["seq_len"]
-    rec, tokens, spent = {"method": method, "batch_size": s["kd_batch_size"], **overrides}, 0, 0
-    fields = {"scorer": scorer, "schedule": schedule, "budget_schedule": "increasing"}
+    generated = generation_flops(sh, s, method, job.get("calibration", "wikitext"))
+    left, mb = s["flops"] - scoring - generated, s["kd_batch_size"] * s["seq_len"]
+    rec = {"method": method, "batch_size": s["kd_batch_size"],
+           **{k: v for k, v in overrides.items() if k not in JOB_KNOBS}}
+    tokens, spent = 0, 0
+    fields = {"scorer": scorer, "schedule": schedule, "budget_schedule": "increasing", **job}
     if method == "kd" and schedule == "iterative" and when == "steps":  # step i of S gets i / (S(S+1)/2)
         S = s["blocks"]
         per = sum(i * kd_per_token(sh, sh.layers - i) for i in range(1, S + 1)) / (S * (S + 1) / 2)
@@ -542,8 +563,8 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
         spent = block_recon_flops(sh, s, removed, rec["block_recon_tokens"], rec["block_recon_steps"])
         spent += tokens * kd_per_token(sh, Ls)
     fields["recovery_tokens"] = tokens
-    return {"fields": fields, "recovery": rec, "scoring": scoring, "recovery_flops": int(spent),
-            "feasible": tokens >= mb}
+    return {"fields": fields, "recovery": rec, "scoring": scoring, "generation": generated,
+            "recovery_flops": int(spent), "feasible": tokens >= mb}
 
 
 def measured_recovery_flops(report: dict, s: dict) -> int:
@@ -577,17 +598,18 @@ def equal_unit(name: str, s: dict, work: Path, removed: list[int] | None) -> dic
               for p in common.recovery_phases(report)]
     rec_flops = measured_recovery_flops(report, s)
     scoring = report["compute"]["scoring_flops"]  # what the flow's scoring passes ran (iterabre.flops)
+    generated = report["compute"].get("generation_flops", 0)  # self-generated calibration text
     kd_tokens = plan["fields"]["recovery_tokens"] if "kd" in plan["recovery"]["method"] else 0
     return {"label": name, "feasible": True, "plan": plan, "removed": report["removed_layers"],
-            "recovery": phases, "kd_tokens": kd_tokens, "scoring_flops": scoring, "recovery_flops": rec_flops,
-            "total_flops": scoring + rec_flops, "eval": ev, **headline(ev),
+            "recovery": phases, "kd_tokens": kd_tokens, "scoring_flops": scoring, "generation_flops": generated,
+            "recovery_flops": rec_flops, "total_flops": generated + scoring + rec_flops, "eval": ev, **headline(ev),
             "seconds": time.perf_counter() - start}
 
 
 def _oneshot_removal(s: dict, units: dict, work: Path) -> list[int]:
     """The one-shot output removal: from a finished one-shot unit, else by scoring once as the flow does."""
     done = [u["removed"] for k, u in units.items() if recipe(k)[0][:2] == ("output", "one-shot")
-            and u.get("removed")]
+            and "calibration" not in recipe(k)[1] and u.get("removed")]  # scored on the wikitext windows
     if done:
         return done[0]
     from iterabre import planning, steps
@@ -609,7 +631,8 @@ def equal_rows(units: dict, s: dict) -> list[list]:
             rows.append([uid, "", "", "", "cannot afford any recovery at this budget", "", "", "", "", "", ""])
             continue
         rec = u["plan"]["recovery"]
-        rows.append([uid, u["scoring_flops"] / 1e12, u["recovery_flops"] / 1e12, u["total_flops"] / s["flops"],
+        rows.append([uid, (u["scoring_flops"] + u.get("generation_flops", 0)) / 1e12, u["recovery_flops"] / 1e12,
+                     u["total_flops"] / s["flops"],
                      u.get("kd_tokens", 0), rec.get("block_recon_steps", ""), u["wikitext_word_ppl"],
                      _pm(u["blimp_acc"], u["blimp_stderr"]), _pm(u["xcopa_acc"], u["xcopa_stderr"]),
                      ",".join(map(str, u["removed"])), u["seconds"] / 60])
@@ -639,7 +662,7 @@ def run_equal(args) -> None:
         units = common.run_units(recipes, units, run, save)
     common.print_table(f"{s['model']} minus {s['blocks']} blocks, {s['flops'] / 1e12:.2f} TFLOP per recipe "
                        f"(scoring + recovery), eval limits {s['eval']}",
-                       ["recipe", "scoring TFLOP", "recovery TFLOP", "total / budget", "KD tokens",
+                       ["recipe", "scoring (+ generated text) TFLOP", "recovery TFLOP", "total / budget", "KD tokens",
                         "block-recon steps", "wiki word ppl", "BLiMP acc", "XCOPA acc", "removed", "minutes"],
                        equal_rows(units, s))
     print(f"wrote {common.result_path(name)}")

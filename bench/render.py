@@ -238,7 +238,8 @@ def equal_seeds(files: list[dict]) -> str:
         (scorer, schedule, method, when), overrides = recipe(k)
         d_ppl, d_blimp = _paired(runs, k, ref, "wikitext_word_ppl"), _paired(runs, k, ref, "blimp_acc")
         rows.append([f"**{k}**" if k == ref else k, scorer, schedule, method + (" at the end" if when == "end" and
-                     schedule == "iterative" else "") + "".join(f", {o} {v:g}" for o, v in overrides.items()), len(got),
+                     schedule == "iterative" else "") + "".join(f", {o} {v:g}" if isinstance(v, float) else f", {v} {o}"
+                                                        for o, v in overrides.items()), len(got),
                      sum(u["total_flops"] for u in got) / len(got) / files[0]["settings"]["flops"],
                      _msd([u["kd_tokens"] for u in got], 0), _msd([u["wikitext_word_ppl"] for u in got], 1),
                      _msd(d_ppl, 1) if k != ref else "", _msd([u["blimp_acc"] for u in got], 3),

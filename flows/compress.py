@@ -58,7 +58,9 @@ def prepare_base(model: InPath, revision: str | None, allow_remote_code: bool, a
 def prepare_data(config: dict, base_dir: InPath, work_dir: str, budgets: list[int]) -> dict:
     """Cut disjoint calibration / recovery / held-out token windows."""
     path = steps.prepare_data(CompressConfig.from_dict(config), base_dir, work_dir, budgets)
-    return {"path": str(path), "hash": hash_path(path), "split": steps.data_layout(path)}
+    meta = steps.data_meta(path)
+    return {"path": str(path), "hash": hash_path(path), "split": meta["split"],
+            "generation_flops": meta["generation_flops"]}
 
 
 @task(name="score", **_PERSIST)
@@ -394,7 +396,7 @@ def _report(run: Run, base: dict, final: dict, base_eval: dict, final_eval: dict
             "final_eval": final_eval, "steps": records, "final_dir": final["path"],
             "promotion": {"alias": alias, "reasons": reasons}, "mlflow_run_id": run.job.run_id,
             "budget": _budget_summary(budget, records, final_rec), "final_recovery": final_rec,
-            "compute": _compute_summary(records, final_rec),
+            "compute": _compute_summary(records, final_rec, data),
             "data_split": (data or {}).get("split"), **_card_facts(run, base, final)}
 
 
@@ -409,14 +411,17 @@ def _card_facts(run: Run, base: dict, final: dict) -> dict:
             "base_hub_id": modelcard.base_hub_id(run.cfg.model)}
 
 
-def _compute_summary(records: list, final_rec: dict | None) -> dict:
+def _compute_summary(records: list, final_rec: dict | None, data: dict | None = None) -> dict:
     """The job's FLOPs by phase, summed over its steps (counted from shapes, see iterabre.flops).
 
-    Evaluation is left out: it does not depend on the recipe, only on the tasks asked for.
+    Generation is the self-generated calibration text (0 for wikitext). Evaluation is left out:
+    it does not depend on the recipe, only on the tasks asked for.
     """
+    generation = (data or {}).get("generation_flops") or 0
     scoring = sum(r.get("score_flops") or 0 for r in records)
     recovery = sum(r["recovery"].get("flops") or 0 for r in records + ([final_rec] if final_rec else []))
-    return {"scoring_flops": scoring, "recovery_flops": recovery, "total_flops": scoring + recovery}
+    return {"generation_flops": generation, "scoring_flops": scoring, "recovery_flops": recovery,
+            "total_flops": generation + scoring + recovery}
 
 
 def _budget_summary(budget: dict | None, records: list, final_rec: dict | None) -> dict | None:

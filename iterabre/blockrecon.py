@@ -14,7 +14,8 @@ closed-form version of this; here the whole block trains, by backprop through th
     loss     mean over non-padding tokens of ||unit(x)_t - y_t||^2 / ||y_t||^2: the relative
              MSE with `reconstruct`'s 1/||y_t|| row weights, so the attention-sink token
              (residual norm ~100x the others) does not dominate the fit.
-    data     the first `block_recon_tokens` tokens of this phase's recovery windows; pairs
+    data     the first `block_recon_tokens` tokens of this phase's recovery windows (or of
+             the self-generated text, `calibration=self-generated`, Shin et al. 2024); pairs
              are captured in chunks of at most `block_recon_buffer` tokens (the memory cap,
              see iterabre.blockcapture) and each chunk gets its share of the
              `block_recon_steps` Adam steps (lr `block_recon_lr`, warmup + `lr_schedule`,

@@ -67,7 +67,8 @@ class RecoveryConfig:
                                              "before it) | both (before and after, together).",
                                    "iterabre.blockrecon:TRAINED_BLOCKS")
     block_recon_tokens: int = knob(4096, "block-recon: tokens captured per gap as (pruned input, dense target) "
-                                         "pairs, from this phase's recovery windows (capped by them).")
+                                         "pairs, from this phase's recovery windows (capped by them) or, with "
+                                         "calibration=self-generated, from that many generated tokens.")
     block_recon_steps: int = knob(100, "block-recon: Adam steps per gap.")
     block_recon_lr: float = knob(3e-3, "block-recon: peak Adam learning rate (warmup_frac, lr_schedule as KD; "
                                        "3e-3 beat 1e-4..1e-3 in a short SmolLM2 sweep).")
@@ -91,7 +92,9 @@ class CompressConfig:
                                      "docs/BENCHMARKS.md §5) | iterative (IteRABRe).", SCHEDULES)
     blocks_per_step: int = knob(1, "Blocks removed per iteration (iterative schedule).")
     teacher: str = knob("base", "Whom the student distils from: base | previous.", TEACHERS)
-    calibration: str = knob("wikitext", "Scoring and recovery text: wikitext | self-generated.", CALIBRATIONS)
+    calibration: str = knob("wikitext", "Text that scores blocks and that block-recon reconstructs on: wikitext | "
+                                        "self-generated (sampled from the base model; KD trains on wikitext).",
+                           CALIBRATIONS)
     calibration_tokens: int = knob(2048, "Tokens used to score blocks.")
     recovery_tokens: int = knob(8192, "Total recovery budget over all steps (paper: 2.5M).")
     budget_schedule: str = knob("increasing", "Split of the recovery budget: equal | increasing | final | adaptive "

@@ -87,6 +87,13 @@ class RecoveryJob:
     heldout_ids: torch.Tensor | None = None
     heldout_mask: torch.Tensor | None = None
     dist: Single = SINGLE  # this process's place among the processes that train together
+    recon_ids: torch.Tensor | None = None  # [M,T] block-recon's own text (self-generated); None: input_ids
+
+    def recon_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) block-recon captures from: its own text if given, else the recovery windows."""
+        if self.recon_ids is None:
+            return self.input_ids, self.attention_mask
+        return self.recon_ids, torch.ones_like(self.recon_ids)  # generated windows: every position is real
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -592,7 +599,7 @@ def _recover_block_recon(job: RecoveryJob) -> RecoveryResult:
     start, mem = time.perf_counter(), start_peak(device)
     eval_ids, eval_mask = _eval_set(job)
     before = kd_loss_on(job.student, job.teacher, eval_ids, eval_mask, job.cfg)
-    info = block_recon(job.student, job.teacher, job.input_ids, job.attention_mask, job.cfg, list(job.removed),
+    info = block_recon(job.student, job.teacher, *job.recon_text(), job.cfg, list(job.removed),
                        job.heldout_ids, job.heldout_mask)
     after = kd_loss_on(job.student, job.teacher, eval_ids, eval_mask, job.cfg)
     seconds = time.perf_counter() - start
@@ -650,19 +657,24 @@ def _prepare_models(student: nn.Module, teacher: nn.Module, device: str) -> None
 def recover(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             cfg: RecoveryConfig, removed: list[int] = (), progress: Callable[[dict], None] | None = None,
             device: str = "cpu", heldout_ids: torch.Tensor | None = None,
-            heldout_mask: torch.Tensor | None = None, dist: Single = SINGLE) -> RecoveryResult:
+            heldout_mask: torch.Tensor | None = None, dist: Single = SINGLE,
+            recon_ids: torch.Tensor | None = None) -> RecoveryResult:
     """Heal `student` in place towards `teacher` with `cfg.method`; returns what happened.
 
     `dist`: this process's place when several train together (iterabre.distributed); then only
     rank 0's `student` is sure to hold the result (under FSDP the others keep their old weights).
+    `recon_ids` [M,T]: the text block-recon reconstructs on (self-generated calibration); KD always
+    trains on `input_ids`.
     """
     check_recovery(cfg)
     _check_data(input_ids, attention_mask, "recovery")
+    if recon_ids is not None:
+        _check_data(recon_ids, recon_ids, "block-recon")
     if heldout_ids is not None:
         _check_data(heldout_ids, heldout_mask if heldout_mask is not None else heldout_ids, "held-out")
     _prepare_models(student, teacher, device)
     job = RecoveryJob(student, teacher, input_ids, attention_mask, cfg, list(removed), progress, device,
-                      heldout_ids, heldout_mask, dist)
+                      heldout_ids, heldout_mask, dist, recon_ids)
     from iterabre.flops import count_flops
 
     with count_flops() as counted:  # from the shapes of every matmul / attention call the method makes

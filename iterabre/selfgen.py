@@ -41,6 +41,7 @@ class SelfGenData:
     md5: str  # md5 of the cached safetensors file: the data version of this calibration set
     path: Path | None  # cache file (None when caching is off)
     params: dict  # everything that determined the tokens, model hash included
+    flops: int = 0  # what generating them cost (iterabre.flops), kept with the cache entry so a hit reports it too
 
 
 # ---------------------------------------------------------------- hashing + cache
@@ -87,28 +88,28 @@ def _write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_cached(path: Path, ids: torch.Tensor, params: dict) -> str:
+def save_cached(path: Path, ids: torch.Tensor, params: dict, flops: int) -> str:
     """Write ids (safetensors: byte-for-byte deterministic) and a JSON sidecar; returns the md5."""
     from safetensors.torch import save_file
 
     _write_atomic(path, lambda tmp: save_file({"input_ids": ids.contiguous()}, str(tmp)))
     md5 = file_md5(path)
-    meta = json.dumps({"md5": md5, "params": params}, indent=1, sort_keys=True)
+    meta = json.dumps({"md5": md5, "params": params, "flops": int(flops)}, indent=1, sort_keys=True)
     _write_atomic(path.with_suffix(".json"), lambda tmp: tmp.write_text(meta))
     return md5
 
 
-def load_cached(path: Path) -> tuple[torch.Tensor, str] | None:
-    """(ids, md5) if the cache file exists and still matches its recorded md5, else None."""
+def load_cached(path: Path) -> tuple[torch.Tensor, str, int] | None:
+    """(ids, md5, generation FLOPs) if the cache file exists and still matches its recorded md5, else None."""
     from safetensors.torch import load_file
 
     sidecar = path.with_suffix(".json")
     if not (path.exists() and sidecar.exists()):
         return None
-    md5 = file_md5(path)
-    if json.loads(sidecar.read_text()).get("md5") != md5:  # edited or damaged: regenerate
+    md5, meta = file_md5(path), json.loads(sidecar.read_text())
+    if meta.get("md5") != md5 or "flops" not in meta:  # edited, damaged, or its cost unknown: regenerate
         return None
-    return load_file(str(path))["input_ids"], md5
+    return load_file(str(path))["input_ids"], md5, int(meta["flops"])
 
 
 # ---------------------------------------------------------------- sampling
@@ -211,15 +212,26 @@ def self_generated_calibration(model: nn.Module, tokenizer, num_sequences: int, 
                   greedy_tokens=greedy_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size,
                   prompt=prompt, banned=banned)
     if not cache:
-        ids = _generate(model, prompt, banned, num_sequences, params)
-        return SelfGenData(ids, hashlib.md5(ids.numpy().tobytes()).hexdigest(), None, params)
+        ids, flops = _generate_counted(model, prompt, banned, num_sequences, params)
+        return SelfGenData(ids, hashlib.md5(ids.numpy().tobytes()).hexdigest(), None, params, flops)
     params["model"] = model_fingerprint(model)
     path = selfgen_cache_path(params["model"], params)
     hit = load_cached(path)
     if hit is None:
+        ids, flops = _generate_counted(model, prompt, banned, num_sequences, params)
+        hit = ids, save_cached(path, ids, params, flops), flops
+    return SelfGenData(hit[0], hit[1], path, params, hit[2])
+
+
+def _generate_counted(model: nn.Module, prompt: list[int], banned: list[int], num_sequences: int,
+                      params: dict) -> tuple[torch.Tensor, int]:
+    """`_generate` and its FLOPs. With a KV cache each step's attention sees one query, so iterabre.flops
+    counts it at T=1: cached attention is under-counted (~2 % of a SmolLM2 generation step at T=128)."""
+    from iterabre.flops import count_flops
+
+    with count_flops() as counted:
         ids = _generate(model, prompt, banned, num_sequences, params)
-        hit = ids, save_cached(path, ids, params)
-    return SelfGenData(hit[0], hit[1], path, params)
+    return ids, counted.total
 
 
 def generate_calibration(model: nn.Module, tokenizer, num_sequences: int, seq_len: int, seed: int,

@@ -19,7 +19,7 @@ from iterabre.config import CompressConfig, RecoveryConfig
 from iterabre.errors import IterabreError
 from iterabre.files import atomic_dir, save_torch
 from iterabre.paths import SOURCE_FILE
-from iterabre.planning import recovery_ranges, split_layout
+from iterabre.planning import recon_windows, recovery_ranges, split_layout
 
 
 
@@ -54,13 +54,13 @@ def num_layers(model_dir: str | os.PathLike) -> int:
     return int(count)
 
 
-def _calibration_windows(cfg: CompressConfig, model_dir: Path, n: int) -> torch.Tensor:
-    """Self-generated calibration text: LongTensor[n, seq_len] sampled from the base model."""
+def _self_generated(cfg: CompressConfig, model_dir: Path, n: int):
+    """Self-generated text: SelfGenData of n windows [n, seq_len] sampled from the base model (and its FLOPs)."""
     from iterabre.devices import resolve_device
-    from iterabre.selfgen import generate_calibration
+    from iterabre.selfgen import self_generated_calibration
 
     model, tokenizer = _load(model_dir, resolve_device(cfg.device))
-    return generate_calibration(model, tokenizer, n, cfg.seq_len, cfg.seed).cpu()
+    return self_generated_calibration(model, tokenizer, n, cfg.seq_len, cfg.seed)
 
 
 def prepare_data(cfg: CompressConfig, model_dir: str | os.PathLike, work_dir: str | os.PathLike,
@@ -68,7 +68,9 @@ def prepare_data(cfg: CompressConfig, model_dir: str | os.PathLike, work_dir: st
     """Disjoint calibration / recovery / held-out token windows, saved as one .pt file.
 
     All three come from wikitext-2 *valid*; evaluation (lm-eval `wikitext`) reads wikitext-2 *test*,
-    so no text used to score or heal a model is ever scored as held-out evaluation text.
+    so no text used to score or heal a model is ever scored as held-out evaluation text. With
+    `calibration=self-generated` the scoring windows (and block-recon's, "recon") are sampled from
+    the base model instead, in one seeded run, so the two sets are different text.
     """
     from transformers import AutoTokenizer
 
@@ -80,12 +82,17 @@ def prepare_data(cfg: CompressConfig, model_dir: str | os.PathLike, work_dir: st
     ranges = recovery_ranges(budgets, cfg.seq_len)
     n_recovery = ranges[-1][1] if ranges else 0
     split = split_windows(windows, n_calib, n_recovery, n_calib, cfg.seed)  # held-out as big as calib
+    generation_flops = 0
     if cfg.calibration == "self-generated":
-        split["calib"] = _calibration_windows(cfg, Path(model_dir), n_calib)
+        gen = _self_generated(cfg, Path(model_dir), n_calib + recon_windows(cfg))
+        split["calib"], generation_flops = gen.input_ids[:n_calib].cpu(), gen.flops  # [n_calib, T]
+        if recon_windows(cfg):
+            split["recon"] = gen.input_ids[n_calib:].cpu()  # [n_recon, T]
     layout = split_layout(cfg, n_calib, n_recovery, int(windows.shape[0]))
     payload = {**split, "recovery_ranges": [list(r) for r in ranges],
                "meta": {"seq_len": cfg.seq_len, "seed": cfg.seed, "calibration": cfg.calibration,
-                        "windows_available": int(windows.shape[0]), "split": layout}}
+                        "windows_available": int(windows.shape[0]), "split": layout,
+                        "generation_flops": int(generation_flops)}}
     return save_torch(payload, Path(work_dir) / "data.pt")
 
 
@@ -94,9 +101,10 @@ def load_data(data_path: str | os.PathLike) -> dict:
     return torch.load(data_path, weights_only=True)
 
 
-def data_layout(data_path: str | os.PathLike) -> dict:
-    """The `split_layout` stored in a windows file by `prepare_data`."""
-    return load_data(data_path)["meta"]["split"]
+def data_meta(data_path: str | os.PathLike) -> dict:
+    """What `prepare_data` stored about a windows file: its `split_layout` ("split") and the FLOPs of
+    generating its text ("generation_flops", 0 for wikitext)."""
+    return load_data(data_path)["meta"]
 
 
 def _mask(ids: torch.Tensor) -> torch.Tensor:
@@ -175,11 +183,12 @@ def recover_on(dist, student_dir: str, teacher_dir: str, data_path: str, recover
     ids = data["recovery"][window_range[0]:window_range[1]]  # [n, T] this step's share
     if extra_range is not None:
         ids = torch.cat([ids, data["recovery"][extra_range[0]:extra_range[1]]])  # [n + m, T]
-    held = data["heldout"]
+    held, recon = data["heldout"], data.get("recon")  # recon: block-recon's self-generated text, if any
     lead = dist.rank == 0
     error_before = relative_hidden_error(student, teacher, held, _mask(held)) if lead else None
     result = run_recovery(student, teacher, ids, _mask(ids), RecoveryConfig(**recovery_cfg), list(removed),
-                          progress=progress, device=place, heldout_ids=held, heldout_mask=_mask(held), dist=dist)
+                          progress=progress, device=place, heldout_ids=held, heldout_mask=_mask(held), dist=dist,
+                          recon_ids=recon)
     if not lead:  # only rank 0's student is sure to hold the result (FSDP gathers it there)
         return {}
     # Every method reports the same quality yardstick: how far the final hidden states are

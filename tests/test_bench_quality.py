@@ -201,9 +201,30 @@ def test_planned_scoring_flops_match_what_the_flow_measures(tiny_model_dir, tmp_
 def test_recipe_variants_change_one_knob_and_bad_ones_stop():
     assert quality.recipe("oneshot-kd@lr=2e-4") == (quality.EQUAL_RECIPES["oneshot-kd"], {"lr": 2e-4})
     assert quality.recipe("sleb-kd") == (quality.EQUAL_RECIPES["sleb-kd"], {})
-    for bad in ("nope", "oneshot-kd@lx=1", "oneshot-kd@lr="):
+    assert quality.recipe("oneshot-block-recon@calibration=self-generated")[1] == {"calibration": "self-generated"}
+    for bad in ("nope", "oneshot-kd@lx=1", "oneshot-kd@lr=", "oneshot-kd@calibration=books"):
         with pytest.raises(SystemExit):
             quality.recipe(bad)
+
+
+def test_every_recipe_is_planned_within_the_budget_self_generated_text_included():
+    """At the 6-block settings every feasible recipe is planned to spend at most the budget and nearly all
+    of it; the self-generated variant pays for its text (scoring windows, then block-recon's) out of it."""
+    s = {"model": "smollm2-135m", "blocks": 6, "calib_tokens": 1024, "seq_len": 128, "kd_batch_size": 4,
+         "equal_kd_tokens": 24576}
+    s["flops"] = quality.reference_flops(s)
+    removed = [17, 14, 13, 12, 7, 5]
+    plans = {r: quality.equal_plan(r, s, removed) for r in [*quality.EQUAL_RECIPES,
+                                                              "oneshot-block-recon+kd@calibration=self-generated"]}
+    for name, plan in plans.items():
+        spent = plan["generation"] + plan["scoring"] + plan["recovery_flops"]
+        if plan["feasible"]:
+            assert 0.9 * s["flops"] < spent <= s["flops"], name
+    own, wiki = plans["oneshot-block-recon+kd@calibration=self-generated"], plans["oneshot-block-recon+kd"]
+    sh = quality.shapes("smollm2-135m", 128)
+    assert own["fields"]["calibration"] == "self-generated" and "calibration" not in own["recovery"]
+    assert own["generation"] == (8 + 32) * 128 * sh.model(30) and wiki["generation"] == 0
+    assert own["fields"]["recovery_tokens"] < wiki["fields"]["recovery_tokens"]  # fewer KD tokens left
 
 
 def _seed_file(seed: int, ppl: dict, blimp: dict) -> dict:

@@ -139,6 +139,25 @@ def test_block_recon_kd_trains_after_the_blockwise_part():
     assert result.loss_after < result.loss_before and result.extra["loss_after_block_recon"] < result.loss_before
 
 
+def test_block_recon_reconstructs_on_its_own_text_when_given():
+    """recon_ids (self-generated calibration) replace the recovery windows for block-recon: the same
+    weights as passing that text as the recovery windows, other weights than the recovery windows give."""
+    teacher = _teacher()
+    ids, mask = _windows(32)
+    own, _ = _windows(32, seed=2)
+    held, held_mask = _windows(8, seed=1)
+
+    def trained(recovery_ids, recon_ids=None):
+        student = remove_blocks(copy.deepcopy(teacher), [3])
+        recover(student, teacher, recovery_ids, torch.ones_like(recovery_ids), _cfg(), [3], heldout_ids=held,
+                heldout_mask=held_mask, recon_ids=recon_ids)
+        return student.state_dict()
+
+    with_own, as_recovery, plain = trained(ids, own), trained(own), trained(ids)
+    assert all(torch.equal(with_own[k], as_recovery[k]) for k in with_own)
+    assert not all(torch.equal(with_own[k], plain[k]) for k in with_own)
+
+
 def test_iterative_removals_target_the_base_model():
     """Two iterations as the flow runs them: remove, heal towards the base, remove again, heal again."""
     teacher = _teacher()
@@ -283,6 +302,26 @@ def test_the_default_recipe_runs_through_the_flow(tiny_model_dir, tmp_path):
     rec = step["recovery"]
     assert rec["method"] == "block-recon+kd" and rec["tokens"] == 256 and rec["extra"]["block_recon"]["units"]
     assert rec["loss_after"] < rec["loss_before"]
+
+
+def test_self_generated_calibration_through_the_flow(tiny_model_dir, tmp_path, monkeypatch):
+    """--calibration self-generated with the default recipe: scoring and block-recon read text sampled
+    from the base model, KD the wikitext windows, and the job's compute counts the generation."""
+    from flows.compress import run_from_cli
+    from iterabre.config import CompressConfig
+
+    monkeypatch.setenv("ITERABRE_CACHE_DIR", str(tmp_path / "cache"))
+    rec = RecoveryConfig(batch_size=4, block_recon_tokens=64, block_recon_steps=5, block_recon_batch_size=2)
+    cfg = CompressConfig(model=str(tiny_model_dir), target_layers=4, calibration_tokens=128, recovery_tokens=256,
+                         seq_len=32, eval_tasks="", device="cpu", output=str(tmp_path / "out"), recovery=rec,
+                         calibration="self-generated")
+    report = run_from_cli(cfg, max_ppl_ratio=1e9, min_blimp_retained=0.0)
+    split, compute, [step] = report["data_split"], report["compute"], report["steps"]
+    assert split["calibration"]["source"].startswith("self-generated") and split["block_recon"]["windows"] == 2
+    assert compute["generation_flops"] > 0
+    assert compute["total_flops"] == compute["generation_flops"] + compute["scoring_flops"] + compute["recovery_flops"]
+    assert step["recovery"]["extra"]["block_recon"]["tokens"] == 64 and step["recovery"]["tokens"] == 256
+    assert "generating calibration text" in (tmp_path / "out" / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -57,6 +57,7 @@ def test_output_layout_and_report(job):
     assert all(s["score_flops"] > 0 and s["recovery"]["flops"] > 0 for s in on_disk["steps"])
     assert compute["scoring_flops"] == sum(s["score_flops"] for s in on_disk["steps"])
     assert compute["recovery_flops"] == sum(s["recovery"]["flops"] for s in on_disk["steps"])
+    assert compute["generation_flops"] == 0  # wikitext calibration: nothing generated
     assert compute["total_flops"] == compute["scoring_flops"] + compute["recovery_flops"]
 
 

@@ -61,6 +61,23 @@ def test_damaged_cache_file_is_regenerated(tokenizer, cache):
     assert torch.equal(again.input_ids, first.input_ids) and again.md5 == first.md5
 
 
+def test_generation_flops_are_counted_and_kept_with_the_cache_entry(tokenizer, cache):
+    from iterabre.flops import forward_flops_per_token, matmul_params
+
+    model = tiny_model("llama")
+    first = self_generated_calibration(model, tokenizer, 2, 6, seed=0, batch_size=2)
+    # 6 one-token forwards per sequence (prompt, then 5 cached steps): every matmul once per token,
+    # attention at least at T=1 and at most at the full window
+    low, high = 2 * 6 * 2 * matmul_params(model), 2 * 6 * forward_flops_per_token(model, 6)
+    assert low < first.flops <= high
+    assert self_generated_calibration(model, tokenizer, 2, 6, seed=0, batch_size=2).flops == first.flops  # a hit
+    sidecar = first.path.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({k: v for k, v in meta.items() if k != "flops"}))  # an entry of unknown cost
+    again = self_generated_calibration(model, tokenizer, 2, 6, seed=0, batch_size=2)
+    assert again.flops == first.flops and json.loads(sidecar.read_text())["flops"] == first.flops  # regenerated
+
+
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
     gen = torch.Generator().manual_seed(0)

@@ -106,15 +106,37 @@ def test_prepare_data_splits_are_disjoint(tiny_model_dir, tmp_path):
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
-def test_self_generated_calibration_replaces_calib_only(tiny_model_dir, tmp_path, monkeypatch):
+def _fake_generation(monkeypatch, flops=123):
+    """iterabre.selfgen is tested on its own; here only the wiring: windows 0..n-1 of a counting stream."""
     import iterabre.selfgen
 
-    fake = torch.arange(64).view(2, 32)  # iterabre.selfgen is tested on its own; here only the wiring
-    monkeypatch.setattr(iterabre.selfgen, "generate_calibration", lambda model, tok, n, seq_len, seed: fake[:n])
+    def fake(model, tok, n, seq_len, seed):
+        return iterabre.selfgen.SelfGenData(torch.arange(n * seq_len).view(n, seq_len), "md5", None, {}, flops)
+
+    monkeypatch.setattr(iterabre.selfgen, "self_generated_calibration", fake)
+
+
+def test_self_generated_calibration_replaces_calib_only(tiny_model_dir, tmp_path, monkeypatch):
+    _fake_generation(monkeypatch)
     wiki = steps.load_data(steps.prepare_data(_cfg(calibration_tokens=64), tiny_model_dir, tmp_path / "w", [32]))
-    cfg = _cfg(calibration="self-generated", calibration_tokens=64)
-    gen = steps.load_data(steps.prepare_data(cfg, tiny_model_dir, tmp_path / "g", [32]))
-    assert torch.equal(gen["calib"], fake) and torch.equal(gen["recovery"], wiki["recovery"])
+    cfg = _cfg(calibration="self-generated", calibration_tokens=64, recovery=RecoveryConfig(method="kd"))
+    path = steps.prepare_data(cfg, tiny_model_dir, tmp_path / "g", [32])
+    gen = steps.load_data(path)
+    assert torch.equal(gen["calib"], torch.arange(64).view(2, 32)) and torch.equal(gen["recovery"], wiki["recovery"])
+    assert "recon" not in gen and "block_recon" not in gen["meta"]["split"]  # KD trains on wikitext only
+    assert steps.data_meta(path)["generation_flops"] == 123
+    assert steps.data_meta(steps.prepare_data(_cfg(), tiny_model_dir, tmp_path / "w2", [32]))["generation_flops"] == 0
+
+
+def test_self_generated_text_for_block_recon_follows_the_calibration(tiny_model_dir, tmp_path, monkeypatch):
+    _fake_generation(monkeypatch)
+    cfg = _cfg(calibration="self-generated", calibration_tokens=64,
+               recovery=RecoveryConfig(method="block-recon+kd", block_recon_tokens=70))
+    data = steps.load_data(steps.prepare_data(cfg, tiny_model_dir, tmp_path, [32]))
+    # one generation of 2 + ceil(70 / 32) windows: calibration first, then block-recon's, so they differ
+    assert torch.equal(data["calib"], torch.arange(64).view(2, 32))
+    assert torch.equal(data["recon"], torch.arange(64, 160).view(3, 32))
+    assert data["meta"]["split"]["block_recon"]["windows"] == 3 and data["meta"]["split"]["block_recon"]["tokens"] == 96
 
 
 def test_score_prune_recover_evaluate_chain(tiny_model_dir, tmp_path):

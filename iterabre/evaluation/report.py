@@ -155,13 +155,19 @@ def data_lines(report: dict) -> list[str]:
                   + (f" ({calib['source']})" if calib.get("source") else "")
                   + f", held-out {_span(split['heldout'])}, recovery {_span(split['recovery'])}.",
                   f"- Evaluation: {split['evaluation']}."]
+        if split.get("block_recon"):
+            recon = split["block_recon"]
+            lines.append(f"- Block-recon text: {recon['windows']} windows = {recon['tokens']:,} tokens, "
+                         f"{recon['source']}.")
     if budget:
         used = ", ".join(f"{u:,}" for u in budget.get("used", []))
         lines.append(f"- Recovery budget: `{budget['schedule']}` schedule, {budget['total']:,} tokens given, "
                      f"{budget.get('used_total', 0):,} trained (per phase: {used}).")
     compute = report.get("compute")
     if compute and compute.get("total_flops"):
-        lines.append(f"- Compute: {compute['total_flops'] / 1e12:,.2f} TFLOP (scoring "
+        generated = (f"generating calibration text {compute['generation_flops'] / 1e12:,.2f}, "
+                     if compute.get("generation_flops") else "")
+        lines.append(f"- Compute: {compute['total_flops'] / 1e12:,.2f} TFLOP ({generated}scoring "
                      f"{compute['scoring_flops'] / 1e12:,.2f}, recovery {compute['recovery_flops'] / 1e12:,.2f}; "
                      "evaluation not counted).")
     teachers = sorted({str(s["teacher"]) for s in report.get("steps", []) if s.get("teacher")})
