@@ -284,6 +284,7 @@ def plan(
     schedule: str = typer.Option(_DEFAULTS.schedule, help=help_of(CompressConfig, "schedule")),
     blocks_per_step: int = typer.Option(_DEFAULTS.blocks_per_step, help=help_of(CompressConfig, "blocks_per_step")),
     scorer: str = typer.Option(_DEFAULTS.scorer, help=help_of(CompressConfig, "scorer")),
+    calibration: str = typer.Option(_DEFAULTS.calibration, help=help_of(CompressConfig, "calibration")),
     eval_tasks: str = typer.Option(_DEFAULTS.eval_tasks, help=help_of(CompressConfig, "eval_tasks")),
     eval_parallelize: bool = typer.Option(False, help=help_of(CompressConfig, "eval_parallelize") +
                                           " Planned as split over --num-processes GPUs."),
@@ -321,7 +322,7 @@ def plan(
                       lora_rank=lora_rank, dtype=dtype, device=device, num_processes=num_processes, fsdp=fsdp,
                       batch_size=batch_size, seq_len=seq_len, calibration_tokens=calibration_tokens,
                       grad_checkpointing=grad_checkpointing, scorer=scorer, eval_tasks=eval_tasks,
-                      eval_parallelize=eval_parallelize)
+                      eval_parallelize=eval_parallelize, calibration=calibration)
     result = planner.plan(counts, job, limit, host)
     typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else planner.table(result))
     if result.grad_checkpointing and result.auto_checkpointing and not as_json:

@@ -14,6 +14,8 @@ measured peak RSS by bench/planner.py (docs/BENCHMARKS.md, section 8).
 
 Phases (`PHASES`):
 - load:      prepare-base reads the model on the host CPU (float32) to save it as safetensors.
+- generate:  only with calibration=self-generated: the whole base model samples its calibration
+             text on one device, with a KV cache (steps.prepare_data -> iterabre.selfgen).
 - score:     the current model plus the fast scorer's cached residual stream (steps.score).
 - recovery:  teacher, student, gradients, AdamW state, activations (with or without gradient
              checkpointing) and KD logits; the first step is the biggest (largest student).
@@ -29,17 +31,18 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iterabre.config import CompressConfig, RecoveryConfig
+from iterabre.config import CALIBRATIONS, CompressConfig, RecoveryConfig, one_of
 from iterabre.devices import available_ram
 from iterabre.errors import IterabreError
 
 GiB, MiB = 2**30, 2**20
-PHASES = ("load", "score", "recovery", "evaluate")
+PHASES = ("load", "generate", "score", "recovery", "evaluate")  # generate: self-generated calibration only
 DTYPES = ("auto", "float32", "bfloat16")
 BYTES = {"float32": 4, "bfloat16": 2}
 
 # Fixed sizes of the code the planner models (kept next to the numbers they come from).
 SCORE_BATCH = 4  # steps.score -> streamed_scores(batch_size=4)
+GENERATE_BATCH = 8  # iterabre.selfgen.self_generated_calibration's batch_size default
 HELDOUT_BATCH = 8  # recovery.kd_loss_on and reconstruct.relative_hidden_error batch size
 KD_CHUNK = 512  # iterabre.kd.DEFAULT_CHUNK: rows per fp32 softmax chunk
 EVAL_BATCH = 8  # steps.evaluate -> lm-eval batch size
@@ -249,6 +252,7 @@ class Job:
     scorer: str = CompressConfig.scorer
     eval_tasks: str = CompressConfig.eval_tasks
     eval_parallelize: bool = CompressConfig.eval_parallelize  # weights split over the GPUs (num_processes)
+    calibration: str = CompressConfig.calibration  # self-generated adds the generate phase
 
 
 def working_dtype(job: Job) -> str:
@@ -448,6 +452,18 @@ def score_phase(m: ModelCounts, job: Job) -> PhaseEstimate:
     return PhaseEstimate("score", "device", parts)
 
 
+def generate_phase(m: ModelCounts, job: Job) -> PhaseEstimate:
+    """Self-generated calibration: the whole base model on one device (not streamed, not split), a KV
+    cache of GENERATE_BATCH sequences of seq_len tokens, the last position's fp32 logits."""
+    dtype = working_dtype(job)
+    tokens = GENERATE_BATCH * job.seq_len
+    parts = {"runtime": _runtime(job), "model": BYTES[dtype] * m.total_params,
+             "KV cache": 2 * m.num_layers * tokens * m.kv_dim * BYTES[dtype],
+             "logits (fp32)": GENERATE_BATCH * m.vocab * 4,
+             "block forward": inference_transient(m, GENERATE_BATCH, dtype)}
+    return PhaseEstimate("generate", "device", parts, note="whole model on one device")
+
+
 def _sharded(n: int, job: Job) -> int:
     """Bytes per process of something FSDP shards over the processes."""
     return math.ceil(n / job.num_processes) if job.fsdp else n
@@ -588,15 +604,16 @@ def _limits(phases: list[PhaseEstimate], job: Job, device_memory: int, host_memo
 def estimate(m: ModelCounts, job: Job, device_memory: int, host_memory: int | None = None) -> Plan:
     """Every phase's peak; gradient checkpointing switches on when recovery fits only with it."""
     check_job(job, m)
-    phases = [load_phase(m, job), score_phase(m, job), recovery_phase(m, job, job.grad_checkpointing),
+    generate = [generate_phase(m, job)] if job.calibration == "self-generated" else []
+    phases = [load_phase(m, job), *generate, score_phase(m, job), recovery_phase(m, job, job.grad_checkpointing),
               evaluate_phase(m, job)]
     _limits(phases, job, device_memory, host_memory)
-    auto = False
-    if not job.grad_checkpointing and trains(job) and phases[2].fits is False:
+    auto, rec = False, [p.phase for p in phases].index("recovery")
+    if not job.grad_checkpointing and trains(job) and phases[rec].fits is False:
         with_ckpt = recovery_phase(m, job, True)
         _limits([with_ckpt], job, device_memory, host_memory)
         if with_ckpt.fits:
-            phases[2], auto = with_ckpt, True
+            phases[rec], auto = with_ckpt, True
             with_ckpt.note += " (switched on by the planner)"
     return Plan(m, job, device_memory, host_memory, phases, job.grad_checkpointing or auto, auto)
 
@@ -616,6 +633,8 @@ def _alternatives(m: ModelCounts, job: Job) -> list[tuple[str, Job]]:
             out.append((f"--num-processes {n} --fsdp", dataclasses.replace(job, num_processes=n, fsdp=True)))
     if _cuda(job) and not job.eval_parallelize:  # evaluation split over the GPUs (helps with > 1 process)
         out.append(("--eval-parallelize", dataclasses.replace(job, eval_parallelize=True)))
+    if job.calibration == "self-generated":  # generation holds the whole model on one device
+        out.append(("--calibration wikitext", dataclasses.replace(job, calibration="wikitext")))
     for b in range(job.batch_size - 1, 0, -1):
         out.append((f"--batch-size {b}", dataclasses.replace(job, batch_size=b)))
     return out
@@ -665,6 +684,7 @@ def check_job(job: Job, m: ModelCounts) -> None:
     """Settings the planner can size: known dtype, positive sizes, a target below the model's depth."""
     if job.dtype not in DTYPES:
         raise IterabreError(f"unknown dtype {job.dtype!r}.", f"use one of {', '.join(DTYPES)}")
+    one_of(job.calibration, CALIBRATIONS, "calibration")
     if job.num_processes < 1:
         raise IterabreError(f"num_processes={job.num_processes} must be >= 1.", "pass --num-processes 1 or more")
     if min(job.batch_size, job.seq_len, job.lora_rank, job.blocks_per_step) < 1:
@@ -708,7 +728,7 @@ def job_from_config(cfg, target_layers: int, device: str) -> Job:
                device=device, num_processes=cfg.num_processes, fsdp=cfg.fsdp, batch_size=rec.batch_size,
                seq_len=cfg.seq_len, calibration_tokens=cfg.calibration_tokens,
                grad_checkpointing=rec.grad_checkpointing, scorer=cfg.scorer, eval_tasks=cfg.eval_tasks,
-               eval_parallelize=cfg.eval_parallelize)
+               eval_parallelize=cfg.eval_parallelize, calibration=cfg.calibration)
 
 
 def _target(cfg, layers: int) -> int:

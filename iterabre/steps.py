@@ -57,9 +57,11 @@ def num_layers(model_dir: str | os.PathLike) -> int:
 def _self_generated(cfg: CompressConfig, model_dir: Path, n: int):
     """Self-generated text: SelfGenData of n windows [n, seq_len] sampled from the base model (and its FLOPs)."""
     from iterabre.devices import resolve_device
+    from iterabre.models import working_dtype
     from iterabre.selfgen import self_generated_calibration
 
-    model, tokenizer = _load(model_dir, resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    model, tokenizer = _load(model_dir, device, working_dtype(cfg.dtype, device))  # the planner's generate phase
     return self_generated_calibration(model, tokenizer, n, cfg.seq_len, cfg.seed)
 
 

@@ -164,7 +164,7 @@ def test_cpu_processes_share_the_ram(tiny_dir):
 def test_plan_json_shape(tiny_dir):
     m = planner.counts_for(str(tiny_dir))
     d = json.loads(json.dumps(planner.plan(m, planner.Job(target_layers=4), 8 * GiB, 8 * GiB).to_dict()))
-    assert [p["phase"] for p in d["phases"]] == list(planner.PHASES)
+    assert [p["phase"] for p in d["phases"]] == [p for p in planner.PHASES if p != "generate"]  # wikitext
     assert d["fits"] is True and d["working_dtype"] == "float32" and d["device_memory"] == 8 * GiB
     for p in d["phases"]:
         assert isinstance(p["bytes_per_process"], int) and p["bytes_per_process"] == sum(p["parts"].values())
@@ -202,6 +202,21 @@ def test_cli_70b_fits_eight_gpus_only_with_parallel_evaluation():
     without = _plan(*args)
     assert without.exit_code == 1 and "--eval-parallelize" in without.output, without.output
     assert _plan(*args, "--eval-parallelize").exit_code == 0
+
+
+def test_self_generated_calibration_plans_the_whole_model_on_one_device():
+    m = planner.counts_from_config(planner.read_config(REPO / "configs/models/llama-3.1-70b/config.json"))
+    job = planner.Job(target_layers=60, device="cuda", calibration="self-generated")
+    gen = planner.generate_phase(m, job)
+    assert gen.parts["model"] == 2 * m.total_params  # bf16, not split: 141 GB
+    assert gen.parts["KV cache"] == 2 * m.num_layers * planner.GENERATE_BATCH * job.seq_len * m.kv_dim * 2
+    args = ("--model", str(REPO / "configs/models/llama-3.1-70b"), "--target-ratio", "0.75", "--device", "cuda",
+            "--device-memory", "80GB", "--num-processes", "8", "--fsdp", "--trainable", "lora", "--eval-parallelize")
+    assert _plan(*args).exit_code == 0
+    r = _plan(*args, "--calibration", "self-generated")
+    lines = [line for line in r.output.splitlines() if line.startswith("does not fit")]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert "generate phase" in lines[0] and "--calibration wikitext" in lines[0]
 
 
 def test_cli_json_is_the_plan(tiny_dir):
