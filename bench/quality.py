@@ -352,6 +352,7 @@ EQUAL_RECIPES = {  # name -> (scorer, schedule, recovery method, when KD runs: "
     "iterabre": ("output", "iterative", "kd", "steps"),  # the paper: KD after every removal (increasing budget)
     "shortgpt-kd": ("block-influence", "one-shot", "kd", "steps"),  # ShortGPT's block influence, then KD
     "angular-kd": ("angular", "one-shot", "kd", "steps"),  # Gromov et al.'s contiguous run, then KD
+    "angular-block-recon+kd": ("angular", "one-shot", "block-recon+kd", "steps"),  # that run, the default's repair
     "sleb-kd": ("perplexity", "iterative", "kd", "end"),  # SLEB: re-scored after each removal, KD once at the end
 }
 VARIANT_KNOBS = {"lr": float, "block_recon_lr": float,  # `recipe@knob=value`: a RecoveryConfig knob changed
@@ -606,9 +607,9 @@ def equal_unit(name: str, s: dict, work: Path, removed: list[int] | None) -> dic
             "seconds": time.perf_counter() - start}
 
 
-def _oneshot_removal(s: dict, units: dict, work: Path) -> list[int]:
-    """The one-shot output removal: from a finished one-shot unit, else by scoring once as the flow does."""
-    done = [u["removed"] for k, u in units.items() if recipe(k)[0][:2] == ("output", "one-shot")
+def _oneshot_removal(s: dict, units: dict, work: Path, scorer: str = "output") -> list[int]:
+    """The one-shot removal of `scorer`: from a finished one-shot unit, else by scoring once as the flow does."""
+    done = [u["removed"] for k, u in units.items() if recipe(k)[0][:2] == (scorer, "one-shot")
             and "calibration" not in recipe(k)[1] and u.get("removed")]  # scored on the wikitext windows
     if done:
         return done[0]
@@ -619,8 +620,8 @@ def _oneshot_removal(s: dict, units: dict, work: Path) -> list[int]:
     model = str(pull_embedded_model(s["model"]) if s["model"] in EMBEDDED else s["model"])
     cfg = CompressConfig(model=s["model"], calibration_tokens=s["calib_tokens"], seq_len=s["seq_len"], seed=s["seed"])
     data = steps.prepare_data(cfg, model, work / "prescore", [])
-    scored = steps.score(model, data, "output", 1, "cpu")
-    return planning.plan_removal(scored["scores"], s["blocks"], "output", scored["order"])
+    scored = steps.score(model, data, scorer, s["blocks"] if scorer == "angular" else 1, "cpu")  # as the flow
+    return planning.plan_removal(scored["scores"], s["blocks"], scorer, scored["order"])
 
 
 def equal_rows(units: dict, s: dict) -> list[list]:
@@ -652,8 +653,8 @@ def run_equal(args) -> None:
     if not args.report_only:
         def run(uid, done, work):
             scorer, schedule, method, _ = recipe(uid)[0]
-            one_shot = scorer == "output" and schedule == "one-shot" and method not in ("kd", "lora-kd")
-            return equal_unit(uid, s, work, _oneshot_removal(s, done, work) if one_shot else None)
+            sized = schedule == "one-shot" and method not in ("kd", "lora-kd")  # its repair is sized by the gaps
+            return equal_unit(uid, s, work, _oneshot_removal(s, done, work, scorer) if sized else None)
 
         def save(uid, done):
             units[uid] = done
