@@ -490,11 +490,13 @@ def generation_flops(sh: Shapes, s: dict, method: str, calibration: str) -> int:
     """Sampling the self-generated text (scoring windows, then block-recon's `block_recon_tokens`): one
     forward of the base model per token. An upper bound: with a KV cache iterabre.flops counts each
     step's attention at T=1, this at T=seq_len (~2 % of a SmolLM2 forward)."""
+    from iterabre.config import CompressConfig, RecoveryConfig
+    from iterabre.planning import recon_windows
+
     if calibration != "self-generated":
         return 0
-    windows = -(-s["calib_tokens"] // s["seq_len"])
-    if method.startswith("block-recon"):
-        windows += -(-_rc_default("block_recon_tokens") // s["seq_len"])
+    cfg = CompressConfig(calibration=calibration, seq_len=s["seq_len"], recovery=RecoveryConfig(method=method))
+    windows = -(-s["calib_tokens"] // s["seq_len"]) + recon_windows(cfg)  # as steps.prepare_data generates
     return windows * s["seq_len"] * sh.model(sh.layers)
 
 

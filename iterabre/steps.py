@@ -84,11 +84,11 @@ def prepare_data(cfg: CompressConfig, model_dir: str | os.PathLike, work_dir: st
     ranges = recovery_ranges(budgets, cfg.seq_len)
     n_recovery = ranges[-1][1] if ranges else 0
     split = split_windows(windows, n_calib, n_recovery, n_calib, cfg.seed)  # held-out as big as calib
-    generation_flops = 0
+    generation_flops, n_recon = 0, recon_windows(cfg)
     if cfg.calibration == "self-generated":
-        gen = _self_generated(cfg, Path(model_dir), n_calib + recon_windows(cfg))
+        gen = _self_generated(cfg, Path(model_dir), n_calib + n_recon)
         split["calib"], generation_flops = gen.input_ids[:n_calib].cpu(), gen.flops  # [n_calib, T]
-        if recon_windows(cfg):
+        if n_recon:
             split["recon"] = gen.input_ids[n_calib:].cpu()  # [n_recon, T]
     layout = split_layout(cfg, n_calib, n_recovery, int(windows.shape[0]))
     payload = {**split, "recovery_ranges": [list(r) for r in ranges],

@@ -204,6 +204,14 @@ def test_cli_70b_fits_eight_gpus_only_with_parallel_evaluation():
     assert _plan(*args, "--eval-parallelize").exit_code == 0
 
 
+def test_generate_batch_is_selfgens_default():
+    import inspect
+
+    from iterabre.selfgen import self_generated_calibration
+
+    assert planner.GENERATE_BATCH == inspect.signature(self_generated_calibration).parameters["batch_size"].default
+
+
 def test_self_generated_calibration_plans_the_whole_model_on_one_device():
     m = planner.counts_from_config(planner.read_config(REPO / "configs/models/llama-3.1-70b/config.json"))
     job = planner.Job(target_layers=60, device="cuda", calibration="self-generated")
