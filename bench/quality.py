@@ -350,6 +350,7 @@ EQUAL_RECIPES = {  # name -> (scorer, schedule, recovery method, when KD runs: "
     "oneshot-block-recon": ("output", "one-shot", "block-recon", "steps"),
     "oneshot-block-recon+kd": ("output", "one-shot", "block-recon+kd", "steps"),
     "iterabre": ("output", "iterative", "kd", "steps"),  # the paper: KD after every removal (increasing budget)
+    "iterative-block-recon+kd": ("output", "iterative", "block-recon+kd", "steps"),  # the default's repair, per step
     "shortgpt-kd": ("block-influence", "one-shot", "kd", "steps"),  # ShortGPT's block influence, then KD
     "angular-kd": ("angular", "one-shot", "kd", "steps"),  # Gromov et al.'s contiguous run, then KD
     "angular-block-recon+kd": ("angular", "one-shot", "block-recon+kd", "steps"),  # that run, the default's repair
@@ -519,6 +520,28 @@ def capture_tokens(sh: Shapes, s: dict, removed: list[int], budget: float, mb: i
     return min(_whole(_rc_default("block_recon_tokens"), mb), _whole((budget / 2 - checks) / per_token, mb))
 
 
+def iterative_block_recon_kd(sh: Shapes, s: dict, removed: list[int], left: float, mb: int) -> tuple[int, int, int]:
+    """(KD tokens, predicted FLOPs, Adam steps per gap) of block-recon+kd after every removal, half of `left` each.
+
+    The budget is split equally over the steps (budget_schedule=equal): block-recon captures from each
+    step's own recovery windows, and the increasing split would leave the first steps too few to fit
+    on. The gaps are predicted as the one-shot removal `removed`, one per step, each in the full-depth
+    model (the measured FLOPs replace the prediction; the shallower students make it an upper bound).
+    """
+    from iterabre.planning import step_budgets
+
+    S = s["blocks"]
+    per = sum(kd_per_token(sh, sh.layers - i) for i in range(1, S + 1)) / S
+    tokens = _whole(left / 2 / per, mb)
+    budgets = step_budgets(tokens, S, "equal", unit=mb)  # as the flow splits them
+    kd = sum(b * kd_per_token(sh, sh.layers - i) for i, b in enumerate(budgets, 1))
+    caps = [min(_rc_default("block_recon_tokens"), max(b, sh.seq_len)) for b in budgets]  # capped by the windows
+    fixed = sum(block_recon_flops(sh, s, [r], c, 0) for r, c in zip(removed, caps))
+    per_step = sum(block_recon_flops(sh, s, [r], c, 1) for r, c in zip(removed, caps)) - fixed
+    steps = max(0, int((left - kd - fixed) // per_step))
+    return tokens, int(kd + fixed + steps * per_step), steps
+
+
 def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
     """The recipe's knobs that spend the budget, and the FLOPs it is predicted to spend.
 
@@ -556,6 +579,9 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
         per_step = block_recon_flops(sh, s, removed, tokens, 1) - fixed
         rec["block_recon_steps"] = max(0, int((left - fixed) // per_step))
         spent = block_recon_flops(sh, s, removed, tokens, rec["block_recon_steps"])
+    elif method == "block-recon+kd" and schedule == "iterative":  # after every removal: its gap, then KD
+        tokens, spent, rec["block_recon_steps"] = iterative_block_recon_kd(sh, s, removed, left, mb)
+        fields.update(budget_schedule="equal")  # every step gets windows to capture from (see the function)
     elif method == "block-recon+kd":  # half the recovery FLOPs each; block-recon captures from the KD windows
         tokens = _whole(left / 2 / kd_per_token(sh, Ls), mb)
         rec["block_recon_tokens"] = min(capture_tokens(sh, s, removed, left - tokens * kd_per_token(sh, Ls), mb),
@@ -655,7 +681,8 @@ def run_equal(args) -> None:
     if not args.report_only:
         def run(uid, done, work):
             scorer, schedule, method, _ = recipe(uid)[0]
-            sized = schedule == "one-shot" and method not in ("kd", "lora-kd")  # its repair is sized by the gaps
+            # a repair is sized by the gaps: the one-shot removal's (an iterative recipe's predicted gaps, too)
+            sized = method not in ("kd", "lora-kd") and (schedule == "one-shot" or method.startswith("block-recon"))
             return equal_unit(uid, s, work, _oneshot_removal(s, done, work, scorer) if sized else None)
 
         def save(uid, done):

@@ -227,6 +227,29 @@ def test_every_recipe_is_planned_within_the_budget_self_generated_text_included(
     assert own["fields"]["recovery_tokens"] < wiki["fields"]["recovery_tokens"]  # fewer KD tokens left
 
 
+def test_iterative_block_recon_kd_repairs_each_gap_within_the_budget(tiny_model_dir, tmp_path, monkeypatch):
+    """The iterative recipe with the default's repair runs block-recon, then KD, after every removal, on
+    an equal split; what the flow measured stays within the planned budget (its gaps are predicted from
+    the one-shot removal, in the full-depth model) and spends most of it."""
+    monkeypatch.setattr(quality, "evaluate_saved", lambda model, limits, s: {})
+    s = {"model": str(tiny_model_dir), "blocks": 2, "calib_tokens": 128, "seq_len": 32, "kd_batch_size": 2,
+         "equal_kd_tokens": 1024, "seed": 0, "eval": {}}
+    s["flops"] = quality.reference_flops(s)
+    removed = quality._oneshot_removal(s, {}, tmp_path, "output")
+    unit = quality.equal_unit("iterative-block-recon+kd", s, tmp_path, removed)
+    plan = unit["plan"]
+    assert plan["feasible"] and plan["fields"]["schedule"] == "iterative"
+    assert plan["fields"]["budget_schedule"] == "equal" and plan["recovery"]["block_recon_steps"] > 0
+    phases = unit["recovery"]
+    assert len(phases) == 2  # one phase per removal
+    assert [p["tokens"] for p in phases] == [plan["fields"]["recovery_tokens"] // 2] * 2  # 384 = 2 x 3 micro-batches
+    sh = quality.shapes(s["model"], s["seq_len"])
+    for i, p in enumerate(phases, 1):  # more than its KD alone: block-recon ran at the step's gap first
+        kd = p["tokens"] * quality.kd_per_token(sh, sh.layers - i)
+        assert p["flops"] > kd + quality.report_checks(sh, s, sh.layers - i, "block-recon+kd")
+    assert 0.5 * s["flops"] < unit["total_flops"] <= plan["scoring"] + plan["recovery_flops"] <= s["flops"]
+
+
 def _seed_file(seed: int, ppl: dict, blimp: dict) -> dict:
     units = {k: {"feasible": True, "wikitext_word_ppl": v, "blimp_acc": blimp[k], "blimp_stderr": 0.015,
                  "xcopa_acc": 0.5, "kd_tokens": 0, "total_flops": 1.0, "seconds": 60.0} for k, v in ppl.items()}
