@@ -43,6 +43,12 @@ if str(REPO) not in sys.path:  # so `flows` imports when the script runs as benc
     sys.path.insert(1, str(REPO))
 
 
+# The KD learning rate of the saved quality tables (quality, quality-equal-*, recovery_methods): every
+# recipe without its own `@lr=` trains at it, so a table resumed after the library's default changed is
+# still one experiment. The library's default (RecoveryConfig.lr) is the recipe DEFAULT_RECIPE names.
+TABLE_LR = 5e-5
+
+
 def add_common_args(parser) -> None:
     """--quick and --threads, shared by every script."""
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")

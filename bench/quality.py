@@ -172,7 +172,7 @@ def recovery_fields(recovery: str, s: dict) -> dict:
     from iterabre.config import RecoveryConfig
 
     batch = s.get("kd_batch_size") or RecoveryConfig.batch_size
-    rec = RecoveryConfig(method="none" if recovery == "none" else "kd", batch_size=batch)
+    rec = RecoveryConfig(method="none" if recovery == "none" else "kd", batch_size=batch, lr=common.TABLE_LR)
     if recovery == "none":
         return {"recovery": rec, "recovery_tokens": 0, "budget_schedule": "equal"}
     if recovery == "each-step":
@@ -379,7 +379,8 @@ def recipe(name: str) -> tuple[tuple[str, str, str, str], dict]:
     return EQUAL_RECIPES[base], overrides
 
 
-DEFAULT_RECIPE = "oneshot-block-recon+kd"  # `iterabre compress`'s defaults (tests/test_bench_quality.py holds them equal)
+DEFAULT_RECIPE = "oneshot-block-recon+kd@lr=2e-4"  # `iterabre compress`'s defaults (tests/test_bench_quality.py
+#                                                   holds them equal; recipes without @lr= train at common.TABLE_LR)
 BASELINES = ("iterabre", "shortgpt-kd", "angular-kd", "sleb-kd")  # the published recipes the default must beat
 EQUAL_DEFAULT = "oneshot-kd,oneshot-reconstruct,oneshot-block-recon,oneshot-block-recon+kd"
 REPORT_CHECKS = {"block-recon+kd": 4, "reconstruct+kd": 4}  # held-out KD losses per phase (2 for the others)
@@ -554,7 +555,7 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
     scoring, Ls = scoring_flops(sh, s, scorer, schedule), sh.layers - s["blocks"]
     generated = generation_flops(sh, s, method, job.get("calibration", "wikitext"))
     left, mb = s["flops"] - scoring - generated, s["kd_batch_size"] * s["seq_len"]
-    rec = {"method": method, "batch_size": s["kd_batch_size"],
+    rec = {"method": method, "batch_size": s["kd_batch_size"], "lr": common.TABLE_LR,
            **{k: v for k, v in overrides.items() if k not in JOB_KNOBS}}
     tokens, spent = 0, 0
     fields = {"scorer": scorer, "schedule": schedule, "budget_schedule": "increasing", **job}

@@ -51,7 +51,7 @@ def run_method(method: str, teacher, pruned, data: dict, removed: list[int], tok
     from iterabre.reconstruct import relative_hidden_error
     from iterabre.recovery import kd_loss_on, recover
 
-    student, cfg = copy.deepcopy(pruned), RecoveryConfig(method=method, tokens=tokens)
+    student, cfg = copy.deepcopy(pruned), RecoveryConfig(method=method, tokens=tokens, lr=common.TABLE_LR)
     calib, held = data["calib"], data["heldout"]
     result = recover(student, teacher, calib, torch.ones_like(calib), cfg, removed)
     return dict(method=method, seconds=result.seconds, peak_mem_mb=result.peak_mem_mb, tokens=result.tokens,

@@ -260,11 +260,12 @@ def equal_seeds(files: list[dict]) -> str:
 
 
 def _verdicts(runs: list[dict], names: list[str], ref: str, baselines: tuple) -> list[str]:
-    """One line per published baseline (does the default beat it?) and per iterative/one-shot pair."""
+    """One line per published baseline, each of its @ variants too (does the default beat it?), and per
+    iterative/one-shot pair."""
     from quality import recipe
 
     lines = []
-    for b in (b for b in baselines if b in names):
+    for b in (b for b in names if b.split("@")[0] in baselines and b != ref):
         d_ppl, d_blimp = _paired(runs, ref, b, "wikitext_word_ppl"), _paired(runs, ref, b, "blimp_acc")
         if not d_ppl:
             continue

@@ -43,7 +43,8 @@ class RecoveryConfig:
     tokens: int = knob(4096, "Token budget of this phase; the loop sets it from the total budget.")
     batch_size: int = knob(4, "Recovery sequences per micro-batch.")
     grad_accum: int = knob(1, "Micro-batches per optimizer step.")
-    lr: float = knob(5e-5, "Peak recovery learning rate (AdamW).")
+    lr: float = knob(2e-4, "Peak recovery learning rate (AdamW; 2e-4 beat 5e-5 for KD at equal compute on every "
+                                "seed, docs/BENCHMARKS.md §5).")
     lr_schedule: str = knob("cosine", "Learning-rate schedule after a short linear warmup: cosine | constant.",
                             "iterabre.recovery:LR_SCHEDULES")
     warmup_frac: float = knob(0.05, "Fraction of recovery steps spent warming up.")

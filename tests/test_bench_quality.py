@@ -175,9 +175,11 @@ def test_the_default_recipe_is_what_compress_runs_by_default():
     """docs/BENCHMARKS.md measures DEFAULT_RECIPE against the baselines: it must be the CLI's defaults."""
     from iterabre.config import CompressConfig
 
-    scorer, schedule, method, _ = quality.EQUAL_RECIPES[quality.DEFAULT_RECIPE]
+    (scorer, schedule, method, _), overrides = quality.recipe(quality.DEFAULT_RECIPE)
     cfg = CompressConfig()
     assert (cfg.scorer, cfg.schedule, cfg.recovery.method) == (scorer, schedule, method)
+    assert overrides.get("lr", common.TABLE_LR) == cfg.recovery.lr  # the tables' rows name their lr
+    assert set(overrides) <= {"lr"}  # every other knob at the library's default
 
 
 @pytest.mark.parametrize("scorer, n", [("output", 1), ("block-influence", 1), ("angular", 2), ("perplexity", 1)])
@@ -261,13 +263,15 @@ def test_equal_seeds_table_states_whether_the_default_beats_each_baseline():
     import render
 
     ref = quality.DEFAULT_RECIPE
-    files = [_seed_file(0, {ref: 40.0, "iterabre": 50.0, "angular-kd": 40.5, "oneshot-kd": 45.0},
-                        {ref: 0.71, "iterabre": 0.72, "angular-kd": 0.71, "oneshot-kd": 0.72}),
-             _seed_file(1, {ref: 41.0, "iterabre": 52.0, "angular-kd": 40.9, "oneshot-kd": 46.0},
-                        {ref: 0.72, "iterabre": 0.70, "angular-kd": 0.72, "oneshot-kd": 0.71})]
+    fast = "angular-kd@lr=2e-4"  # a baseline at another lr is a baseline too
+    files = [_seed_file(0, {ref: 40.0, "iterabre": 50.0, "angular-kd": 40.5, "oneshot-kd": 45.0, fast: 43.0},
+                        {ref: 0.71, "iterabre": 0.72, "angular-kd": 0.71, "oneshot-kd": 0.72, fast: 0.71}),
+             _seed_file(1, {ref: 41.0, "iterabre": 52.0, "angular-kd": 40.9, "oneshot-kd": 46.0, fast: 44.0},
+                        {ref: 0.72, "iterabre": 0.70, "angular-kd": 0.72, "oneshot-kd": 0.71, fast: 0.72})]
     text = render.equal_seeds(files)
     lines = {line.split(" (")[0]: line for line in text.splitlines() if line.startswith("- ")}
     assert "goal **met**" in lines[f"- {ref} vs iterabre"]  # 10.5 better, seed sd up to 1.4
     assert "goal **not met**" in lines[f"- {ref} vs angular-kd"]  # 0.2 better: inside the seed spread
+    assert "goal **met**" in lines[f"- {ref} vs {fast}"]  # 3.0 better, seed sd up to 0.7
     assert "perplexity 5.5 ± 0.7" in lines["- Iterative vs one-shot, output scorer and kd"]  # iterabre - oneshot-kd
     assert "| 40.5 ± 0.7 |" in text  # the default's mean ± sd
