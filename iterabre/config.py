@@ -36,15 +36,15 @@ def knob(default, help: str, choices: tuple | str | None = None):
 class RecoveryConfig:
     """How one recovery (healing) phase trains the pruned student."""
 
-    method: str = knob("block-recon+kd", "Recovery method: none | kd | lora-kd | reconstruct | reconstruct+kd | "
-                                         "block-recon | block-recon+kd (best at equal compute, docs/BENCHMARKS.md "
-                                         "§5).",
+    method: str = knob("kd", "Recovery method: none | kd (with the angular scorer: best measured at equal compute, "
+                             "docs/BENCHMARKS.md §5) | lora-kd | reconstruct | reconstruct+kd | block-recon | "
+                             "block-recon+kd.",
                        "iterabre.recovery:RECOVERY_METHODS")
     tokens: int = knob(4096, "Token budget of this phase; the loop sets it from the total budget.")
     batch_size: int = knob(4, "Recovery sequences per micro-batch.")
     grad_accum: int = knob(1, "Micro-batches per optimizer step.")
     lr: float = knob(2e-4, "Peak recovery learning rate (AdamW; 2e-4 beat 5e-5 for KD at equal compute on every "
-                                "seed, docs/BENCHMARKS.md §5).")
+                                "seed measured, docs/BENCHMARKS.md §5).")
     lr_schedule: str = knob("cosine", "Learning-rate schedule after a short linear warmup: cosine | constant.",
                             "iterabre.recovery:LR_SCHEDULES")
     warmup_frac: float = knob(0.05, "Fraction of recovery steps spent warming up.")
@@ -87,7 +87,9 @@ class CompressConfig:
     revision: str | None = knob(None, "Hub revision (commit or tag) when the model is a hub id.")
     target_layers: int | None = knob(None, "Blocks to keep at the end (or give a target ratio).")
     target_ratio: float | None = knob(None, "Fraction of blocks to keep, e.g. 0.8.")
-    scorer: str = knob("output", "How blocks are scored: output | block-influence | angular | perplexity.",
+    scorer: str = knob("angular", "How blocks are scored: angular (the contiguous run whose input and output "
+                                  "are closest; best measured at equal compute, docs/BENCHMARKS.md §5) | output "
+                                  "(IteRABRe) | block-influence (ShortGPT) | perplexity (SLEB).",
                        "iterabre.scorers:SCORERS")
     schedule: str = knob("one-shot", "one-shot (score once, remove all, recover once: best at equal compute, "
                                      "docs/BENCHMARKS.md §5) | iterative (IteRABRe).", SCHEDULES)

@@ -263,7 +263,7 @@ def test_equal_seeds_table_states_whether_the_default_beats_each_baseline():
     import render
 
     ref = quality.DEFAULT_RECIPE
-    fast = "angular-kd@lr=2e-4"  # a baseline at another lr is a baseline too
+    fast = "shortgpt-kd@lr=2e-4"  # a baseline at another lr is a baseline too
     files = [_seed_file(0, {ref: 40.0, "iterabre": 50.0, "angular-kd": 40.5, "oneshot-kd": 45.0, fast: 43.0},
                         {ref: 0.71, "iterabre": 0.72, "angular-kd": 0.71, "oneshot-kd": 0.72, fast: 0.71}),
              _seed_file(1, {ref: 41.0, "iterabre": 52.0, "angular-kd": 40.9, "oneshot-kd": 46.0, fast: 44.0},

@@ -226,8 +226,8 @@ def test_fsdp2_in_two_processes_matches_one(work):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True])
-def test_the_default_recipe_in_two_processes_matches_one(work, fsdp):
-    """block-recon+kd (the default): every process repairs the gap block alike on the whole windows, then
+def test_block_recon_kd_in_two_processes_matches_one(work, fsdp):
+    """block-recon+kd: every process repairs the gap block alike on the whole windows, then
     KD is shared as for kd; the result equals one process's."""
     root, data, _ = work
     rec = {**RECOVERY, "method": "block-recon+kd", "block_recon_steps": 4, "block_recon_batch_size": 2}

@@ -14,10 +14,10 @@ from iterabre.errors import IterabreError
 
 
 def tiny_config(model_dir, output, **kw) -> CompressConfig:
-    """6 -> 4 blocks in two steps (the iterative schedule, KD), a few hundred tokens each; no evaluation unless
+    """6 -> 4 blocks in two steps (IteRABRe: output scorer, iterative, KD), a few hundred tokens each; no evaluation unless
     asked."""
     base = dict(model=str(model_dir), target_layers=4, calibration_tokens=128, recovery_tokens=256, seq_len=32,
-                eval_tasks="", device="cpu", output=str(output), schedule="iterative",
+                eval_tasks="", device="cpu", output=str(output), scorer="output", schedule="iterative",
                 recovery=RecoveryConfig(method="kd", batch_size=4, lr=1e-3))
     return CompressConfig(**{**base, **kw})
 
@@ -151,6 +151,20 @@ def test_one_shot_removes_everything_in_one_step(tiny_model_dir, tmp_path):
     assert len(report["steps"]) == 1 and len(report["steps"][0]["removed"]) == 3
     assert report["final_num_layers"] == 3 and report["steps"][0]["recovery"]["tokens"] >= 256
     assert report["registry"]["alias"] == "challenger"  # nothing evaluated: never champion
+
+
+def test_the_default_recipe_runs_through_the_flow(tiny_model_dir, tmp_path):
+    """`iterabre compress` with no recipe options: one angular scoring pass, a contiguous run of blocks
+    removed at once, then one KD phase with the whole budget."""
+    cfg = CompressConfig(model=str(tiny_model_dir), target_layers=3, calibration_tokens=128, recovery_tokens=256,
+                         seq_len=32, eval_tasks="", device="cpu", output=str(tmp_path / "out"),
+                         recovery=RecoveryConfig(batch_size=4))
+    report = run_from_cli(cfg, max_ppl_ratio=1e9, min_blimp_retained=0.0)
+    [step] = report["steps"]
+    run = sorted(step["removed"])
+    assert run == list(range(run[0], run[0] + 3)) and report["final_num_layers"] == 3  # contiguous
+    assert step["recovery"]["method"] == "kd" and step["recovery"]["tokens"] == 256
+    assert step["recovery"]["loss_after"] < step["recovery"]["loss_before"]
 
 
 def test_bad_config_fails_before_any_compute(tiny_model_dir, tmp_path, monkeypatch):

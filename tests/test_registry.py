@@ -282,7 +282,7 @@ def test_version_lineage_and_resume_reuses_the_version(server_client, final_dir,
     assert tags["iterabre.base_model"] == base and tags["iterabre.base_revision"] == "none"
     assert tags["iterabre.removed_blocks"] == "3,4" and tags["iterabre.num_layers"] == "4"
     assert int(tags["iterabre.num_params"]) == modelcard.parameter_count(final_dir)
-    assert tags["iterabre.recovery_method"] == "block-recon+kd"  # the report's config: the default recipe
+    assert tags["iterabre.recovery_method"] == CompressConfig().recovery.method  # the report's config: the default
     assert tags["iterabre.recovery_tokens"] == "256"
     assert tags["data.md5"] == "0123abcd.dir" and tags["prefect.flow_run_id"] == "flow-run-123"
     assert tags["git.commit"] == client.get_run(done["run_id"]).data.tags["git.commit"]
