@@ -432,15 +432,14 @@ EQUAL_GLANCE = ("quality-equal-6b", "quality-equal-16k")  # the equal-compute se
 
 
 def _equal_row(files: list[dict], base: dict | None) -> list:
-    """Glance row of an equal-compute seed set: its best recipe (lowest mean perplexity) vs the paper's."""
-    from quality import EQUAL_RECIPES
-
+    """Glance row of an equal-compute seed set: its best recipe (lowest mean perplexity among those run on
+    the most seeds, @ variants included) vs the paper's."""
     runs = _feasible(files)
-    by = {k: [r[k] for r in runs if k in r] for k in EQUAL_RECIPES if any(k in r for r in runs)}
-    best = min(by, key=lambda k: _mean(by[k], "wikitext_word_ppl"))
+    by = {k: [r[k] for r in runs if k in r] for k in sorted({k for r in runs for k in r})}
+    most = max(len(v) for v in by.values())
+    best = min((k for k in by if len(by[k]) == most), key=lambda k: _mean(by[k], "wikitext_word_ppl"))
     s, ours = files[0]["settings"], by.get("iterabre", [])
-    return [f"{s['blocks']} of 30", f"{s['flops'] / 1e12:.1f} TFLOP (= {s['equal_kd_tokens']} KD tokens)",
-            min(len(v) for v in by.values()),
+    return [f"{s['blocks']} of 30", f"{s['flops'] / 1e12:.1f} TFLOP (= {s['equal_kd_tokens']} KD tokens)", most,
             f"{base['wikitext_word_ppl']:.1f} / {base['blimp_acc']:.3f}" if base else "", best,
             f"{_mean(by[best], 'wikitext_word_ppl'):.1f} / {_mean(by[best], 'blimp_acc'):.3f}",
             f"{_mean(ours, 'wikitext_word_ppl'):.1f} / {_mean(ours, 'blimp_acc'):.3f}" if ours else "",
