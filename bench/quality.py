@@ -350,10 +350,10 @@ EQUAL_RECIPES = {  # name -> (scorer, schedule, recovery method, when KD runs: "
     "oneshot-block-recon": ("output", "one-shot", "block-recon", "steps"),
     "oneshot-block-recon+kd": ("output", "one-shot", "block-recon+kd", "steps"),
     "iterabre": ("output", "iterative", "kd", "steps"),  # the paper: KD after every removal (increasing budget)
-    "iterative-block-recon+kd": ("output", "iterative", "block-recon+kd", "steps"),  # the default's repair, per step
+    "iterative-block-recon+kd": ("output", "iterative", "block-recon+kd", "steps"),  # block-recon+kd after every removal
     "shortgpt-kd": ("block-influence", "one-shot", "kd", "steps"),  # ShortGPT's block influence, then KD
     "angular-kd": ("angular", "one-shot", "kd", "steps"),  # Gromov et al.'s contiguous run, then KD
-    "angular-block-recon+kd": ("angular", "one-shot", "block-recon+kd", "steps"),  # that run, the default's repair
+    "angular-block-recon+kd": ("angular", "one-shot", "block-recon+kd", "steps"),  # that run, repaired by block-recon+kd
     "sleb-kd": ("perplexity", "iterative", "kd", "end"),  # SLEB: re-scored after each removal, KD once at the end
 }
 VARIANT_KNOBS = {"lr": float, "block_recon_lr": float,  # `recipe@knob=value`: a RecoveryConfig knob changed
