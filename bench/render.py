@@ -287,7 +287,7 @@ def _verdicts(runs: list[dict], names: list[str], ref: str, baselines: tuple) ->
             d_blimp = _paired(runs, k, twin, "blimp_acc")
             if d_ppl:
                 lines.append(f"- Iterative vs one-shot, {scorer} scorer and {method} ({k} − {twin}, {len(d_ppl)} "
-                             f"seeds): perplexity {_msd(d_ppl, 1)}, BLiMP {_msd(d_blimp, 3)}.")
+                             f"seed{'s' * (len(d_ppl) > 1)}): perplexity {_msd(d_ppl, 1)}, BLiMP {_msd(d_blimp, 3)}.")
     return lines
 
 
