@@ -245,11 +245,15 @@ def equal_seeds(files: list[dict]) -> str:
                      _msd(d_ppl, 1) if k != ref else "", _msd([u["blimp_acc"] for u in got], 3),
                      _msd(d_blimp, 3) if k != ref else "", _msd([u["xcopa_acc"] for u in got], 3),
                      _msd([u["seconds"] / 60 for u in got], 1)])
-    s = files[0]["settings"]
-    head = (f"SmolLM2-135M, {s['blocks']} blocks removed, seeds {', '.join(str(d['settings']['seed']) for d in files)};"
+    everywhere = all(row[4] == len(files) for row in rows)  # every recipe ran on every seed: the head says so
+    if everywhere:
+        rows = [row[:4] + [""] + row[5:] for row in rows]
+    s, seeds = files[0]["settings"], ", ".join(str(d["settings"]["seed"]) for d in files)
+    head = (f"SmolLM2-135M, {s['blocks']} blocks removed, seed{'s' * (len(files) > 1)} {seeds}"
+            f"{' (every recipe)' if everywhere and len(files) > 1 else ''};"
             f" budget {s['flops'] / 1e12:.1f} TFLOP per recipe (what one-shot output scoring and KD with "
-            f"{s['equal_kd_tokens']} tokens spend), counted from the shapes (`iterabre.flops`). Mean ± sd over "
-            f"the seeds; Δ = recipe − {ref} on the same seed (paired).\n\n")
+            f"{s['equal_kd_tokens']} tokens spend), counted from the shapes (`iterabre.flops`). "
+            f"{'Mean ± sd over the seeds; ' if len(files) > 1 else ''}Δ = recipe − {ref} on the same seed (paired).\n\n")
     table = md(["recipe", "scorer", "schedule", "recovery", "seeds", "total / budget", "KD tokens",
                 "wikitext word ppl", f"Δ ppl vs {ref}", "BLiMP acc", "Δ BLiMP", "XCOPA acc", "minutes"], rows)
     starved = [(d["settings"]["seed"], k, u) for d in files for k, u in d["units"].items()
