@@ -379,8 +379,8 @@ def recipe(name: str) -> tuple[tuple[str, str, str, str], dict]:
     return EQUAL_RECIPES[base], overrides
 
 
-DEFAULT_RECIPE = "angular-kd@lr=2e-4"  # `iterabre compress`'s defaults (tests/test_bench_quality.py
-#                                       holds them equal; recipes without @lr= train at common.TABLE_LR)
+DEFAULT_RECIPE = "oneshot-block-recon+kd@lr=2e-4"  # `iterabre compress`'s defaults (tests/test_bench_quality.py
+#                                                   holds them equal; recipes without @lr= train at common.TABLE_LR)
 BASELINES = ("iterabre", "shortgpt-kd", "angular-kd", "sleb-kd")  # the published recipes the default must beat
 EQUAL_DEFAULT = "oneshot-kd,oneshot-reconstruct,oneshot-block-recon,oneshot-block-recon+kd"
 REPORT_CHECKS = {"block-recon+kd": 4, "reconstruct+kd": 4}  # held-out KD losses per phase (2 for the others)

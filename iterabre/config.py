@@ -36,9 +36,9 @@ def knob(default, help: str, choices: tuple | str | None = None):
 class RecoveryConfig:
     """How one recovery (healing) phase trains the pruned student."""
 
-    method: str = knob("kd", "Recovery method: none | kd (with the angular scorer: best measured at equal compute, "
-                             "docs/BENCHMARKS.md §5) | lora-kd | reconstruct | reconstruct+kd | block-recon | "
-                             "block-recon+kd.",
+    method: str = knob("block-recon+kd", "Recovery method: none | kd | lora-kd | reconstruct | reconstruct+kd | "
+                                         "block-recon | block-recon+kd (block-wise reconstruction at each gap, "
+                                         "then KD: best measured at equal compute, docs/BENCHMARKS.md §5).",
                        "iterabre.recovery:RECOVERY_METHODS")
     tokens: int = knob(4096, "Token budget of this phase; the loop sets it from the total budget.")
     batch_size: int = knob(4, "Recovery sequences per micro-batch.")
@@ -87,9 +87,10 @@ class CompressConfig:
     revision: str | None = knob(None, "Hub revision (commit or tag) when the model is a hub id.")
     target_layers: int | None = knob(None, "Blocks to keep at the end (or give a target ratio).")
     target_ratio: float | None = knob(None, "Fraction of blocks to keep, e.g. 0.8.")
-    scorer: str = knob("angular", "How blocks are scored: angular (the contiguous run whose input and output "
-                                  "are closest; best measured at equal compute, docs/BENCHMARKS.md §5) | output "
-                                  "(IteRABRe) | block-influence (ShortGPT) | perplexity (SLEB).",
+    scorer: str = knob("output", "How blocks are scored: output (IteRABRe: how little the final hidden states "
+                                 "change without the block; best measured at equal compute with block-recon+kd, "
+                                 "docs/BENCHMARKS.md §5) | angular (the contiguous run whose input and output are "
+                                 "closest) | block-influence (ShortGPT) | perplexity (SLEB).",
                        "iterabre.scorers:SCORERS")
     schedule: str = knob("one-shot", "one-shot (score once, remove all, recover once: best at equal compute, "
                                      "docs/BENCHMARKS.md §5) | iterative (IteRABRe).", SCHEDULES)

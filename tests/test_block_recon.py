@@ -287,16 +287,15 @@ def test_block_recon_in_the_flow_after_every_removal(tiny_model_dir, tmp_path):
         assert rec["extra"]["block_recon"]["units"] and "heldout_rel_error_after" in rec
 
 
-def test_one_shot_block_recon_kd_runs_through_the_flow(tiny_model_dir, tmp_path):
-    """One-shot output scoring: one scoring pass, every block removed at once, then block-wise
-    reconstruction and KD in one recovery phase."""
+def test_the_default_recipe_runs_through_the_flow(tiny_model_dir, tmp_path):
+    """`iterabre compress` with no recipe options: one output scoring pass, every block removed at once,
+    then block-wise reconstruction and KD in one recovery phase."""
     from flows.compress import run_from_cli
     from iterabre.config import CompressConfig
 
     cfg = CompressConfig(model=str(tiny_model_dir), target_layers=4, calibration_tokens=128, recovery_tokens=256,
-                         seq_len=32, eval_tasks="", device="cpu", output=str(tmp_path / "out"), scorer="output",
-                         schedule="one-shot", recovery=RecoveryConfig(method="block-recon+kd", batch_size=4,
-                                                                      block_recon_steps=5, block_recon_batch_size=2))
+                         seq_len=32, eval_tasks="", device="cpu", output=str(tmp_path / "out"),
+                         recovery=RecoveryConfig(batch_size=4, block_recon_steps=5, block_recon_batch_size=2))
     report = run_from_cli(cfg, max_ppl_ratio=1e9, min_blimp_retained=0.0)
     [step] = report["steps"]
     assert len(step["removed"]) == 2 and report["final_num_layers"] == 4

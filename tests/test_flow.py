@@ -153,12 +153,12 @@ def test_one_shot_removes_everything_in_one_step(tiny_model_dir, tmp_path):
     assert report["registry"]["alias"] == "challenger"  # nothing evaluated: never champion
 
 
-def test_the_default_recipe_runs_through_the_flow(tiny_model_dir, tmp_path):
-    """`iterabre compress` with no recipe options: one angular scoring pass, a contiguous run of blocks
-    removed at once, then one KD phase with the whole budget."""
+def test_one_shot_angular_kd_runs_through_the_flow(tiny_model_dir, tmp_path):
+    """Gromov et al.'s recipe: one angular scoring pass, a contiguous run of blocks removed at once, then one
+    KD phase with the whole budget."""
     cfg = CompressConfig(model=str(tiny_model_dir), target_layers=3, calibration_tokens=128, recovery_tokens=256,
-                         seq_len=32, eval_tasks="", device="cpu", output=str(tmp_path / "out"),
-                         recovery=RecoveryConfig(batch_size=4))
+                         seq_len=32, eval_tasks="", device="cpu", output=str(tmp_path / "out"), scorer="angular",
+                         schedule="one-shot", recovery=RecoveryConfig(method="kd", batch_size=4))
     report = run_from_cli(cfg, max_ppl_ratio=1e9, min_blimp_retained=0.0)
     [step] = report["steps"]
     run = sorted(step["removed"])
