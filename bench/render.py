@@ -289,11 +289,12 @@ def _verdicts(runs: list[dict], names: list[str], ref: str, baselines: tuple, pa
         stderr = sum(r[ref]["blimp_stderr"] for r in runs if ref in r) / sum(ref in r for r in runs)
         gain, blimp = -sum(d_ppl) / len(d_ppl), sum(d_blimp) / len(d_blimp)
         ok = gain > spread and blimp > -stderr
+        better = "better" if gain >= 0 else "worse"
         if len(d_ppl) > 1:
-            lines.append(f"- {ref} vs {b} ({len(d_ppl)} seeds): perplexity {gain:+.1f} better (seed sd up to "
+            lines.append(f"- {ref} vs {b} ({len(d_ppl)} seeds): perplexity {abs(gain):.1f} {better} (seed sd up to "
                          f"{spread:.1f}), BLiMP {blimp:+.3f} (stderr {stderr:.3f}): goal **{'met' if ok else 'not met'}**.")
         else:
-            lines.append(f"- {ref} vs {b} (1 seed): perplexity {gain:+.1f} better, BLiMP {blimp:+.3f} (stderr "
+            lines.append(f"- {ref} vs {b} (1 seed): perplexity {abs(gain):.1f} {better}, BLiMP {blimp:+.3f} (stderr "
                          f"{stderr:.3f}): no verdict from one seed.")
     for k in names if pairs else []:
         (scorer, schedule, method, _), overrides = recipe(k)
@@ -444,7 +445,7 @@ def _quality_row(q: dict) -> list:
             f"{ours['wikitext_word_ppl']:.1f} / {ours['blimp_acc']:.3f}" if ours else "", "BENCHMARKS §5"]
 
 
-EQUAL_GLANCE = ("quality-equal-6b", "quality-equal-16k")  # the equal-compute seed sets the glance table shows
+EQUAL_GLANCE = ("quality-equal-10b", "quality-equal-6b", "quality-equal-16k")  # the equal-compute seed sets the glance table shows
 
 
 def _equal_row(files: list[dict], base: dict | None) -> list:
@@ -565,10 +566,37 @@ def _kind(name: str) -> str:
     return next((k for k in kinds if name.startswith(k)), name.removesuffix("-cuda").removesuffix("-quick"))
 
 
+EQUAL_DEPTHS = ("quality-equal-6b", "quality-equal-8b", "quality-equal-10b")  # the depth table's seed sets
+DEPTH_RECIPES = ("shortgpt-kd@lr=2e-4", "angular-kd@lr=2e-4", "iterabre")  # its columns after the default
+
+
+def equal_depths(sets: list[list[dict]]) -> str:
+    """The default against the published baselines at every depth measured: mean ± sd perplexity / mean BLiMP
+    over the seeds each ran, the lowest perplexity of a row in bold."""
+    from quality import DEFAULT_RECIPE
+
+    names = (DEFAULT_RECIPE,) + DEPTH_RECIPES
+    rows = []
+    for files in sets:
+        runs = _feasible(files)
+        got = {k: [r[k] for r in runs if k in r] for k in names}
+        best = min((k for k in names if got[k]), key=lambda k: _mean(got[k], "wikitext_word_ppl"))
+        cells = []
+        for k in names:
+            cell = (f"{_msd([u['wikitext_word_ppl'] for u in got[k]], 1)} / {_mean(got[k], 'blimp_acc'):.3f}"
+                    + (f" ({len(got[k])} seed{'s' * (len(got[k]) > 1)})" if len(got[k]) != len(files) else "")
+                    if got[k] else "not run")
+            cells.append(f"**{cell}**" if k == best else cell)
+        rows.append([f"{files[0]['settings']['blocks']} of 30 ({len(files)} seed{'s' * (len(files) > 1)})"] + cells)
+    return md(["blocks removed", f"default ({DEFAULT_RECIPE})", *DEPTH_RECIPES], rows)
+
+
 def block(name: str) -> str:
     """The text of a doc's `render:NAME` block: the run it came from, its tables, the units not run."""
     if name == "costs":
         return costs_from_files()
+    if name == "quality-equal-depths":  # the default and the baselines over every depth's seed files
+        return equal_depths([_seed_files(n) for n in EQUAL_DEPTHS])
     if name.endswith("-seeds"):  # one table over the seed files NAME-seed<k>.json
         files = _seed_files(name)
         return "\n\n".join([machine_line(files[-1]["machine"]), equal_seeds(files)])

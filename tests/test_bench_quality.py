@@ -258,20 +258,38 @@ def _seed_file(seed: int, ppl: dict, blimp: dict) -> dict:
     return {"settings": {"seed": seed, "blocks": 6, "flops": 1.0, "equal_kd_tokens": 1}, "units": units}
 
 
+def test_depth_table_bolds_the_lowest_perplexity_and_names_what_did_not_run():
+    sys.path.insert(0, str(common.REPO / "bench"))
+    import render
+
+    ref, short, ang = quality.DEFAULT_RECIPE, "shortgpt-kd@lr=2e-4", "angular-kd@lr=2e-4"
+    six = [_seed_file(k, {ref: 48.0 + k, short: 49.0, ang: 47.0, "iterabre": 60.0},
+                      {ref: 0.71, short: 0.70, ang: 0.73, "iterabre": 0.68}) for k in (0, 1)]
+    ten = [_seed_file(0, {ref: 70.0, ang: 100.0}, {ref: 0.67, ang: 0.66})]
+    lines = render.equal_depths([six, ten]).splitlines()
+    assert lines[2] == "| 6 of 30 (2 seeds) | 48.5 ± 0.7 / 0.710 | 49.0 ± 0.0 / 0.700 | **47.0 ± 0.0 / 0.730** | " \
+                       "60.0 ± 0.0 / 0.680 |"
+    assert lines[3] == "| 6 of 30 (1 seed) | **70.0 / 0.670** | not run | 100.0 / 0.660 | not run |"
+
+
 def test_equal_seeds_table_states_whether_the_default_beats_each_baseline():
     sys.path.insert(0, str(common.REPO / "bench"))
     import render
 
     ref = quality.DEFAULT_RECIPE
     fast = "shortgpt-kd@lr=2e-4"  # a baseline at another lr is a baseline too
-    files = [_seed_file(0, {ref: 40.0, "iterabre": 50.0, "angular-kd": 40.5, "oneshot-kd": 45.0, fast: 43.0},
-                        {ref: 0.71, "iterabre": 0.72, "angular-kd": 0.71, "oneshot-kd": 0.72, fast: 0.71}),
-             _seed_file(1, {ref: 41.0, "iterabre": 52.0, "angular-kd": 40.9, "oneshot-kd": 46.0, fast: 44.0},
-                        {ref: 0.72, "iterabre": 0.70, "angular-kd": 0.72, "oneshot-kd": 0.71, fast: 0.72})]
+    low = "shortgpt-kd"  # lower perplexity than the default: its own verdicts follow the default's
+    files = [_seed_file(0, {ref: 40.0, "iterabre": 50.0, "angular-kd": 40.5, "oneshot-kd": 45.0, fast: 43.0, low: 38.0},
+                        {ref: 0.71, "iterabre": 0.72, "angular-kd": 0.71, "oneshot-kd": 0.72, fast: 0.71, low: 0.70}),
+             _seed_file(1, {ref: 41.0, "iterabre": 52.0, "angular-kd": 40.9, "oneshot-kd": 46.0, fast: 44.0, low: 39.0},
+                        {ref: 0.72, "iterabre": 0.70, "angular-kd": 0.72, "oneshot-kd": 0.71, fast: 0.72, low: 0.71})]
     text = render.equal_seeds(files)
     lines = {line.split(" (")[0]: line for line in text.splitlines() if line.startswith("- ")}
     assert "goal **met**" in lines[f"- {ref} vs iterabre"]  # 10.5 better, seed sd up to 1.4
     assert "goal **not met**" in lines[f"- {ref} vs angular-kd"]  # 0.2 better: inside the seed spread
     assert "goal **met**" in lines[f"- {ref} vs {fast}"]  # 3.0 better, seed sd up to 0.7
+    assert "perplexity 2.0 worse" in lines[f"- {ref} vs {low}"] and "goal **not met**" in lines[f"- {ref} vs {low}"]
+    nested = text.split(f"- The lowest perplexity here, {low}, against the published baselines:\n")[1]
+    assert nested.startswith(f"  - {low} vs iterabre (2 seeds): perplexity 12.5 better")
     assert "perplexity 5.5 ± 0.7" in lines["- Iterative vs one-shot, output scorer and kd"]  # iterabre - oneshot-kd
     assert "| 40.5 ± 0.7 |" in text  # the default's mean ± sd
