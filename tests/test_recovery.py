@@ -200,8 +200,10 @@ def test_guard_aborts_and_restores_weights(method):
     teacher, student = _pair()
     before = _state(student)
     ids, mask = _data()
-    result = recover(student, teacher, ids, mask, _cfg(method=method, lr=1e3, warmup_frac=0.0, tokens=2048))
-    assert result.aborted and result.reason
+    # A ratio under 1 trips at the second step whatever the numerics (the smoothed loss never falls below 0.7 x
+    # the first), so the abort does not hang on how far a wild lr happens to push the loss on this CPU.
+    result = recover(student, teacher, ids, mask, _cfg(method=method, max_loss_ratio=0.5, tokens=2048))
+    assert result.aborted and "over 0.5 x the first loss" in result.reason
     assert result.loss_after == result.loss_before
     after = student.state_dict()
     assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
