@@ -200,6 +200,10 @@ def _seed_files(name: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(paths, key=lambda p: int(p.stem[len(prefix):]))]
 
 
+def _seed_word(n: int) -> str:
+    return "seed" if n == 1 else "seeds"
+
+
 def _sd(xs: list[float]) -> float:
     """Sample standard deviation (0 for one value)."""
     m = sum(xs) / len(xs)
@@ -249,7 +253,7 @@ def equal_seeds(files: list[dict]) -> str:
     if everywhere:
         rows = [row[:4] + [""] + row[5:] for row in rows]
     s, seeds = files[0]["settings"], ", ".join(str(d["settings"]["seed"]) for d in files)
-    head = (f"SmolLM2-135M, {s['blocks']} blocks removed, seed{'s' * (len(files) > 1)} {seeds}"
+    head = (f"SmolLM2-135M, {s['blocks']} blocks removed, {_seed_word(len(files))} {seeds}"
             f"{' (every recipe)' if everywhere and len(files) > 1 else ''};"
             f" budget {s['flops'] / 1e12:.1f} TFLOP per recipe (what one-shot output scoring and KD with "
             f"{s['equal_kd_tokens']} tokens spend), counted from the shapes (`iterabre.flops`). "
@@ -262,7 +266,7 @@ def equal_seeds(files: list[dict]) -> str:
     for k in dict.fromkeys(k for _, k, _ in starved):  # one line per recipe: its scoring cost is the same every seed
         seeds = [str(seed) for seed, o, _ in starved if o == k]
         u = next(u for _, o, u in starved if o == k)
-        lines.append(f"- {k} (seed{'s' * (len(seeds) > 1)} {', '.join(seeds)}): its scoring alone is predicted to "
+        lines.append(f"- {k} ({_seed_word(len(seeds))} {', '.join(seeds)}): its scoring alone is predicted to "
                      f"cost {u['plan']['scoring'] / 1e12:.1f} TFLOP, so no KD micro-batch is affordable; not run.")
     # The recipe with the lowest mean perplexity over every seed, when it is not the default, gets the same
     # verdict lines: a reader deciding whether to override the default needs them.
@@ -304,7 +308,7 @@ def _verdicts(runs: list[dict], names: list[str], ref: str, baselines: tuple, pa
             d_blimp = _paired(runs, k, twin, "blimp_acc")
             if d_ppl:
                 lines.append(f"- Iterative vs one-shot, {scorer} scorer and {method} ({k} − {twin}, {len(d_ppl)} "
-                             f"seed{'s' * (len(d_ppl) > 1)}): perplexity {_msd(d_ppl, 1)}, BLiMP {_msd(d_blimp, 3)}.")
+                             f"{_seed_word(len(d_ppl))}): perplexity {_msd(d_ppl, 1)}, BLiMP {_msd(d_blimp, 3)}.")
     return lines
 
 
@@ -582,12 +586,14 @@ def equal_depths(sets: list[list[dict]]) -> str:
         got = {k: [r[k] for r in runs if k in r] for k in names}
         best = min((k for k in names if got[k]), key=lambda k: _mean(got[k], "wikitext_word_ppl"))
         cells = []
-        for k in names:
-            cell = (f"{_msd([u['wikitext_word_ppl'] for u in got[k]], 1)} / {_mean(got[k], 'blimp_acc'):.3f}"
-                    + (f" ({len(got[k])} seed{'s' * (len(got[k]) > 1)})" if len(got[k]) != len(files) else "")
-                    if got[k] else "not run")
+        for k, units in got.items():
+            cell = "not run"
+            if units:
+                cell = f"{_msd([u['wikitext_word_ppl'] for u in units], 1)} / {_mean(units, 'blimp_acc'):.3f}"
+                if len(units) != len(files):  # ran on fewer seeds than the row: say how many
+                    cell += f" ({len(units)} {_seed_word(len(units))})"
             cells.append(f"**{cell}**" if k == best else cell)
-        rows.append([f"{files[0]['settings']['blocks']} of 30 ({len(files)} seed{'s' * (len(files) > 1)})"] + cells)
+        rows.append([f"{files[0]['settings']['blocks']} of 30 ({len(files)} {_seed_word(len(files))})"] + cells)
     return md(["blocks removed", f"default ({DEFAULT_RECIPE})", *DEPTH_RECIPES], rows)
 
 
