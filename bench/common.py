@@ -117,7 +117,9 @@ def machine_info() -> dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_avg_1m": {"start": round(_LOAD_AT_START, 2), "end": round(os.getloadavg()[0], 2)},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git": {"commit": files.git_commit(REPO), "dirty": files.git_dirty(REPO)},
+        # a copy without .git (a lent GPU machine) names its commit in ITERABRE_BENCH_COMMIT
+        "git": {"commit": os.environ.get("ITERABRE_BENCH_COMMIT") or files.git_commit(REPO),
+                "dirty": files.git_dirty(REPO)},
     }
 
 

@@ -9,13 +9,18 @@ Peak memory: max RSS (CPU) or the CUDA allocator's peak of each variant in its o
 On a GPU (`--device cuda`) both run in bf16 autocast and the table adds MFU: achieved FLOP/s
 (bench/flops.py) over the GPU's dense bf16 peak.
 
-    .venv/bin/python bench/recovery.py [--quick] [--device cuda [--peak-tflops N]]
+The planner's recovery estimate for the same job sits next to iterabre's measured peak.
+Where the SmolLM2 weights are a random stand-in (bench/stand_in.py, on a machine they cannot
+travel to), the result says so: throughput and memory do not depend on the weights' values.
+
+    .venv/bin/python bench/recovery.py [--quick] [--device cuda [--peak-tflops N]] [--batch-size B --seq-len T]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -35,15 +40,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the child-process memory runs")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (CUDA: bf16 autocast for both)")
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: table)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (default 4; quick 2)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128; quick 64)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # variant name: memory probe
     return p.parse_args()
 
 
-def sizes(quick: bool) -> dict:
+def sizes(args) -> dict:
     """Batch, sequence length, optimizer steps and repeats."""
-    if quick:
-        return dict(batch_size=2, seq_len=64, steps=2, repeats=1)
-    return dict(batch_size=4, seq_len=128, steps=8, repeats=3)
+    return dict(batch_size=common.pick(args.batch_size, 4, 2, args.quick), seq_len=common.pick(args.seq_len, 128, 64, args.quick),
+                steps=2 if args.quick else 8, repeats=common.pick(args.repeats, 3, 1, args.quick))
 
 
 def setup(size: dict, device: str = "cpu"):
@@ -55,7 +61,11 @@ def setup(size: dict, device: str = "cpu"):
     teacher, tokenizer = load_model("smollm2-135m", device=device)
     student = remove_blocks(copy.deepcopy(teacher), REMOVED)
     n = size["batch_size"] * size["steps"]
-    ids = token_windows(tokenizer, load_documents("wikitext", "valid")[:40], size["seq_len"])[:n]
+    docs = load_documents("wikitext", "valid")
+    ids = token_windows(tokenizer, docs[:40] if n * size["seq_len"] <= 4096 else docs, size["seq_len"])[:n]
+    if len(ids) < n:
+        raise SystemExit(f"wikitext valid gives {len(ids)} windows of {size['seq_len']} tokens, {n} needed: "
+                         "use a smaller --batch-size or --seq-len")
     return teacher, student, ids
 
 
@@ -174,9 +184,7 @@ def compare(args) -> dict:
     """Alternate the two variants; collect per-run results."""
     from iterabre.devices import resolve_device
 
-    size = sizes(args.quick)
-    if args.repeats:
-        size["repeats"] = args.repeats
+    size = sizes(args)
     teacher, template, ids = setup(size, resolve_device(args.device))
     runs = {v: [] for v in VARIANTS}
     for r in range(size["repeats"] + 1):  # round 0 is the warm-up and is not counted
@@ -204,6 +212,27 @@ def mfu_summary(summary: dict, student, teacher, size: dict, peak_override: floa
             **{f"{v}_tflops": t * per_token / 1e12 for v, t in tok_s.items()}}
 
 
+def planner_estimate(size: dict, device: str) -> dict:
+    """The memory planner's recovery estimate (MiB) for iterabre's job here: KD of all weights of the
+    24-block student, one-shot, this batch, dtype auto (bf16 with float32 masters on CUDA)."""
+    from iterabre import planner
+
+    m = planner.counts_for("smollm2-135m")
+    job = planner.Job(target_layers=m.num_layers - len(REMOVED), schedule="one-shot", method="kd", trainable="all",
+                      dtype="auto", device=device, batch_size=size["batch_size"], seq_len=size["seq_len"])
+    phase = planner.recovery_phase(m, job, False)
+    return {"estimate_mb": phase.per_process / 2**20, "parts_mb": {k: v / 2**20 for k, v in phase.parts.items()},
+            "note": phase.note}
+
+
+def weights_note() -> str | None:
+    """What stands in for SmolLM2's weights, if they are a stand-in (bench/stand_in.py), else None."""
+    from iterabre.paths import SOURCE_FILE, models_dir
+
+    source = models_dir() / "smollm2-135m" / SOURCE_FILE
+    return json.loads(source.read_text()).get("stand_in") if source.exists() else None
+
+
 def summarise(runs: dict) -> dict:
     """Median tokens/s per variant (train loop and whole call); iterabre/Trainer as a paired median."""
     out = {}
@@ -226,7 +255,7 @@ def child(variant: str, args) -> None:
     """Memory probe: set up, reset the peak mark, run one variant once, read the peak (RSS or CUDA)."""
     from iterabre.devices import resolve_device
 
-    size, device = sizes(args.quick), resolve_device(args.device)
+    size, device = sizes(args), resolve_device(args.device)
     teacher, template, ids = setup(size, device)
     # the peak mark is reset after setup: the peak is then the training run's own
     peak = common.peak_of(lambda: RUNNERS[variant](teacher, template, ids, size), device)
@@ -237,6 +266,7 @@ def memory(args) -> dict:
     """Peak RSS of each variant in a fresh process."""
     extra = (["--quick"] if args.quick else []) + (["--threads", str(args.threads)] if args.threads else [])
     extra += ["--device", args.device]
+    extra += [x for k in ("batch_size", "seq_len") if getattr(args, k) for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
     return common.child_memory(Path(__file__), {v: v for v in VARIANTS}, extra, "training_mb")
 
 
@@ -249,6 +279,10 @@ def main() -> None:
     result = compare(args)
     if not args.no_memory:
         result["memory"] = memory(args)
+        from iterabre.devices import resolve_device
+
+        result["planner"] = planner_estimate(result["sizes"], resolve_device(args.device))
+    result["weights"] = weights_note()
     s, mem, mfu = result["summary"], result.get("memory", {}), result["mfu"]
     rows = [[v, s[v]["tokens"], s[v]["train_tokens_per_s"], s[v]["call_tokens_per_s"],
              s[v]["steady_wall_tokens_per_s"], s[v]["steady_cpu_tokens_per_s"], mfu[f"{v}_mfu"],

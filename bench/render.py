@@ -40,8 +40,9 @@ def machine_line(m: dict, quick: bool = False) -> str:
     load = (f"load average {load.get('start')} at the start, {load.get('end')} at the end" if load else
             f"load average {m.get('load_avg_1m_at_start')} at the start")
     threads = m["torch_threads"]
+    gpu = f"one {m['cuda']} GPU, " if m.get("cuda") else ""
     return (f"_Run of {m['date'][:16].replace('T', ' ')} UTC{' (`--quick` sizes)' if quick else ''}, commit "
-            f"{m['git']['commit'][:8]}{' with uncommitted changes' if m['git']['dirty'] else ''}; {m['cpu']}, "
+            f"{m['git']['commit'][:8]}{' with uncommitted changes' if m['git']['dirty'] else ''}; {gpu}{m['cpu']}, "
             f"{m['cores']} cores, {threads} torch thread{'s' if threads != 1 else ''}, torch {m['torch']}, "
             f"transformers {m['transformers']}; {load}._")
 
@@ -99,21 +100,28 @@ def _scoring_fast_naive(d: dict) -> str:
 
 
 def recovery(d: dict) -> str:
-    """recover() vs Trainer table."""
+    """recover() vs Trainer table; on a GPU with MFU, and the planner's estimate next to iterabre's peak."""
     s, mem = d["summary"], d.get("memory", {})
     steady, mfu = [f"steady_{c}_tokens_per_s" for c in ("wall", "cpu")], d.get("mfu", {})
+    estimate = d.get("planner", {}).get("estimate_mb")
     rows = [[v, s[v]["train_tokens_per_s"], s[v]["call_tokens_per_s"],
              *[s[v].get(k) for k in steady], mfu.get(f"{v}_mfu"), mem.get(v, {}).get("peak_mb"),
-             mem.get(v, {}).get("training_mb")] for v in ("iterabre", "hf_trainer")]
+             mem.get(v, {}).get("training_mb"), estimate if v == "iterabre" else None] for v in ("iterabre", "hf_trainer")]
     rows.append(["iterabre / Trainer", s["ratio_train_tokens_per_s"], s["ratio_call_tokens_per_s"],
-                 *[s.get(f"ratio_{k}") for k in steady], None, None, None])
-    z = d.get("sizes", {})
+                 *[s.get(f"ratio_{k}") for k in steady], None, None, None, None])
+    z, gpu = d.get("sizes", {}), mfu.get("device", "cpu") != "cpu"
     head = (f"{s['iterabre']['tokens']} tokens per run ({z.get('steps')} optimizer steps of {z.get('batch_size')} x "
             f"{z.get('seq_len')} tokens), {z.get('repeats')} runs per variant.") if z else ""
+    if gpu:
+        head += (f" bf16 autocast; MFU = KD FLOP/s ({mfu['flops_per_token'] / 1e9:.2f} GFLOP per token) over "
+                 f"{mfu['peak_tflops']:g} TFLOP/s.")
+    if d.get("weights"):
+        head += f" Weights: {d['weights']}."
     note = f" {d['memory_note'][0].upper()}{d['memory_note'][1:]}." if d.get("memory_note") else ""
+    peak = "peak GPU MiB (allocated)" if gpu else "peak RSS MiB"
     return (head + note + "\n\n" if head or note else "") + md(
         ["variant", "train-loop tok/s", "whole-call tok/s", "steady-state tok/s", "steady-state CPU tok/s", "MFU",
-         "peak RSS MiB", "+MiB while training"], rows)
+         peak, "+MiB while training", "planner estimate MiB"], rows)
 
 
 def pruned_speed(d: dict) -> str:
