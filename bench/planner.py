@@ -110,14 +110,16 @@ def _models(unit: dict, device: str):
 
     dtype = working_dtype("auto" if device == "cuda" else "float32", device)
     folder = REPO / unit["model"]
-    if (folder / "model.safetensors").exists():
+    if (folder / "model.safetensors").exists():  # loaded twice, as the recovery step loads them
         teacher, _ = load_model(str(folder), device=device, dtype=dtype)
+        student, _ = load_model(str(folder), device=device, dtype=dtype)
     else:  # random weights: memory does not depend on their values
         torch.manual_seed(0)
         with torch.device(device):  # built where they run: an 8B model is not first made on the CPU
             teacher = AutoModelForCausalLM.from_config(read_config(folder / "config.json"),
                                                        dtype=getattr(torch, dtype)).eval()
-    return teacher, remove_blocks(copy.deepcopy(teacher), [REMOVED[unit["model"]]])
+        student = copy.deepcopy(teacher)
+    return teacher, remove_blocks(student, [REMOVED[unit["model"]]])
 
 
 def _cuda_context_mb() -> float:
