@@ -23,6 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, \
 torch.cuda.get_device_name(0))" || exit 1
 [ -f models/smollm2-135m/model.safetensors ] || python3 bench/stand_in.py .gpu/smollm2-135m models/smollm2-135m
-s=$SECONDS; timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py; echo "[tests: $((SECONDS - s)) s]"
+python3 -c "import iterabre, os; print('allocator:', os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
+s=$SECONDS; timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py; echo "[tests: $((SECONDS - s)) s]"
 s=$SECONDS; timeout 150 python3 bench/recovery.py --device cuda --batch-size 8 --seq-len 512; echo "[recovery: $((SECONDS - s)) s]"
 s=$SECONDS; timeout 220 python3 bench/planner.py --device cuda; echo "[planner: $((SECONDS - s)) s]"

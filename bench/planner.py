@@ -213,7 +213,7 @@ def main() -> None:
         if args.only:
             plan = [u for u in plan if u in args.only.split(",")]
         for uid in plan:
-            if uid in units:
+            if uid in units and not units[uid].get("failed"):  # a failed unit runs again
                 print(f"[skip] {uid}", flush=True)
                 continue
             print(f"[run ] {uid} ...", flush=True)

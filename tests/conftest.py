@@ -5,6 +5,7 @@ temporary directory, so runs never see each other's cached state.
 """
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -120,6 +121,8 @@ def prefect_server(session_tmp):
 def _mlflow_global_uri_not_leaked():
     """A test that sets mlflow's global tracking URI must unset it: later tests would reach its (stopped) server."""
     yield
+    if "mlflow" not in sys.modules:  # nothing imported mlflow (or it is not installed): nothing could be set
+        return
     from mlflow.tracking._tracking_service import utils
 
     leaked, utils._tracking_uri = utils._tracking_uri, None

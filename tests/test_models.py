@@ -89,6 +89,12 @@ def test_load_model_refuses_non_model_folder(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_loaded_models_do_not_use_hub_kernels(tiny_dir):
+    """transformers would kernelize from the Hub on CUDA mode switches (offline: an error, measured on an H200)."""
+    model, _ = load_model(str(tiny_dir))
+    assert not model.use_kernels and not model.train().use_kernels
+
+
 def test_load_model_refuses_missing_cuda(tiny_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(IterabreError, match="no CUDA GPU"):
