@@ -137,6 +137,14 @@ def write_json(name: str, payload: dict) -> Path:
     return files.write_json(payload, result_path(name), indent=2, sort_keys=False)
 
 
+def rewrite_derived(name: str, derive) -> Path:
+    """Re-derive what a result file computes from its measurements (e.g. the planner's estimates after a planner
+    change), keeping the measurements and the machine line: `derive(result) -> result`."""
+    from iterabre import files
+
+    return write_json(name, derive(files.read_json(result_path(name))))
+
+
 def previous(name: str, s: dict) -> dict:
     """The saved <name>.json if it was made with the settings `s`, else {}: the one resume rule."""
     from iterabre import files
@@ -243,9 +251,9 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> None:
 
 
 def fmt(value) -> str:
-    """Compact cell text: 4 significant digits for floats."""
+    """Compact cell text: 4 significant digits for floats, whole numbers from 10,000 on (no exponents)."""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
     return "" if value is None else str(value)
 
 

@@ -16,6 +16,7 @@ Random weights stand in where the real ones are absent (memory does not depend o
 Target: |estimate / measured - 1| <= 25 %.
 
     .venv/bin/python bench/planner.py [--quick] [--only UNIT,...] [--report-only] [--device cuda]
+    .venv/bin/python bench/planner.py [--device cuda] --refresh-estimates   # after a planner change
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def parse_args() -> argparse.Namespace:
     common.add_result_args(p, NAME)
     p.add_argument("--only", default=None, help="comma-separated units to run (default: all)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the recoveries run")
+    p.add_argument("--refresh-estimates", action="store_true",
+                   help="rewrite the saved estimates with the current planner (measurements and machine kept)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -167,6 +170,16 @@ def child(uid: str, device: str) -> None:
 
 # ---------------------------------------------------------------- the parent
 
+def with_estimates(result: dict, device: str) -> dict:
+    """The result with every unit's estimate (and ratio) from the current planner."""
+    table = CUDA_UNITS if device == "cuda" else UNITS
+    units = {}
+    for uid, u in result["units"].items():
+        est = estimate(table[uid], device)
+        units[uid] = {**u, **est, **({} if u.get("failed") else {"ratio": est["estimate_mb"] / u["peak_mb"]})}
+    return {**result, "units": units}
+
+
 def run_unit(uid: str, device: str) -> dict:
     """One unit in a fresh child: measured peak next to the estimate (or why the child failed)."""
     unit = (CUDA_UNITS if device == "cuda" else UNITS)[uid]
@@ -207,8 +220,10 @@ def main() -> None:
     if cuda:
         settings["device"] = "cuda"
     notes = CUDA_NOTES if cuda else NOTES
+    if args.refresh_estimates:
+        common.rewrite_derived(name, lambda result: with_estimates(result, args.device))
     units = common.previous(name, settings).get("units", {})
-    if not args.report_only:
+    if not args.report_only and not args.refresh_estimates:
         plan = list((CUDA_QUICK if cuda else QUICK) if args.quick else table)
         if args.only:
             plan = [u for u in plan if u in args.only.split(",")]

@@ -42,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: table)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (default 4; quick 2)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128; quick 64)")
+    p.add_argument("--refresh-estimate", action="store_true",
+                   help="rewrite the saved planner estimate with the current planner (measurements kept)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # variant name: memory probe
     return p.parse_args()
 
@@ -214,15 +216,23 @@ def mfu_summary(summary: dict, student, teacher, size: dict, peak_override: floa
 
 def planner_estimate(size: dict, device: str) -> dict:
     """The memory planner's recovery estimate (MiB) for iterabre's job here: KD of all weights of the
-    24-block student, one-shot, this batch, dtype auto (bf16 with float32 masters on CUDA)."""
+    24-block student, one-shot, this batch, float32 weights as `setup` loads them (bf16 autocast on CUDA)."""
     from iterabre import planner
 
     m = planner.counts_for("smollm2-135m")
     job = planner.Job(target_layers=m.num_layers - len(REMOVED), schedule="one-shot", method="kd", trainable="all",
-                      dtype="auto", device=device, batch_size=size["batch_size"], seq_len=size["seq_len"])
+                      dtype="float32", device=device, batch_size=size["batch_size"], seq_len=size["seq_len"])
     phase = planner.recovery_phase(m, job, False)
     return {"estimate_mb": phase.per_process / 2**20, "parts_mb": {k: v / 2**20 for k, v in phase.parts.items()},
             "note": phase.note}
+
+
+def with_estimate(result: dict) -> dict:
+    """The result with the current planner's estimate for its job (the memory runs' device and sizes)."""
+    if "memory" not in result:
+        return result
+    device = next(iter(result["memory"].values())).get("kind", "cpu")
+    return {**result, "planner": planner_estimate(result["sizes"], device)}
 
 
 def weights_note() -> str | None:
@@ -276,6 +286,11 @@ def main() -> None:
     common.apply_threads(args.threads)
     if args.child:
         return child(args.child, args)
+    if args.refresh_estimate:
+        for name in ("recovery", "recovery-cuda"):
+            if common.result_path(name).exists():
+                common.rewrite_derived(name, with_estimate)
+        return
     result = compare(args)
     if not args.no_memory:
         result["memory"] = memory(args)

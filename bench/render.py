@@ -494,8 +494,9 @@ def glance_from_files() -> str:
 
 # result file -> its section of docs/BENCHMARKS.md (tests/test_docs.py checks the anchors)
 SECTIONS = {"scoring": "#1-block-scoring", "scoring-streamed": "#1-block-scoring",
-            "recovery": "#2-recovery-throughput", "pruned_speed": "#3-pruned-model-speed", "overhead": "#4-orchestration-overhead",
-            "recovery_methods": "#6-recovery-methods", "planner": "#8-memory-planner"}
+            "recovery": "#2-recovery-throughput", "recovery-cuda": "#2-recovery-throughput", "pruned_speed": "#3-pruned-model-speed", "overhead": "#4-orchestration-overhead",
+            "recovery_methods": "#6-recovery-methods", "planner": "#8-memory-planner",
+            "planner-cuda": "#8-memory-planner"}
 
 
 def _x(value: float) -> str:
@@ -531,6 +532,18 @@ def costs(files: dict[str, dict]) -> str:
         if {"iterabre", "hf_trainer"} <= set(mem):
             text += f"; peak RSS {mem['iterabre']['peak_mb'] - mem['hf_trainer']['peak_mb']:+.0f} MiB"
         row("recovery", "KD recovery vs a hand-written Hugging Face Trainer KD loop", text)
+    if "recovery-cuda" in files:
+        d = files["recovery-cuda"]
+        mem, mfu, z = d.get("memory", {}), d["mfu"], d["sizes"]
+        text = (f"{_x(d['summary']['ratio_train_tokens_per_s'])} the training tokens/s "
+                f"({d['summary']['iterabre']['train_tokens_per_s']:,.0f} vs "
+                f"{d['summary']['hf_trainer']['train_tokens_per_s']:,.0f}), MFU {100 * mfu['iterabre_mfu']:.1f} %")
+        if {"iterabre", "hf_trainer"} <= set(mem):
+            text += f"; peak {mem['iterabre']['peak_mb']:.0f} vs {mem['hf_trainer']['peak_mb']:.0f} MiB"
+        if d.get("planner"):
+            text += f" (planner {d['planner']['estimate_mb']:.0f})"
+        row("recovery-cuda", f"the same on one {mfu['device']}, bf16 autocast, {z['batch_size']} x {z['seq_len']} "
+            f"tokens a step{' (random weights, SmolLM2 shapes)' if d.get('weights') else ''}", text)
     if "pruned_speed" in files:
         d = files["pruned_speed"]
         st = {k: common.ratio_stats(r["seconds"]["base"], r["seconds"]["pruned"])["paired"]
@@ -560,6 +573,12 @@ def costs(files: dict[str, dict]) -> str:
         errors = [100 * (x["ratio"] - 1) for x in u.values()]
         models = sorted({x["model"].split("/")[-1] for x in u.values()})
         row("planner", "memory planner's recovery estimate vs measured peak RSS",
+            f"{min(errors):+.1f} % to {max(errors):+.1f} % ({len(u)} recoveries of {', '.join(models)})")
+    if "planner-cuda" in files and files["planner-cuda"]["units"]:
+        u = {k: x for k, x in files["planner-cuda"]["units"].items() if not x.get("failed")}
+        errors = [100 * (x["ratio"] - 1) for x in u.values()]
+        models = sorted({x["model"].split("/")[-1] for x in u.values()})
+        row("planner-cuda", f"the same on one {files['planner-cuda']['machine']['cuda']} (GPU memory)",
             f"{min(errors):+.1f} % to {max(errors):+.1f} % ({len(u)} recoveries of {', '.join(models)})")
     return md(["what", "measured", "details"], rows)
 

@@ -54,7 +54,9 @@ EVAL_CHOICE_TOKENS = 64  # BLiMP / XCOPA requests are one short sentence
 # itemised term, for what the measured peaks held beyond the terms below (allocator caching,
 # lazily imported code, autograd bookkeeping): with it the SmolLM2 estimates still came out
 # 2-9 % under the measured peak (docs/BENCHMARKS.md §8). CUDA: context, cuBLAS workspace and
-# allocator slack (not measured here: no GPU).
+# allocator slack (on an H200 the context took 619 MiB; with expandable segments the peak reservation
+# was within 0.6 GiB of the allocated peak, 4.4 GiB for full-weight KD of an 8B model, whose total
+# the estimate still matched within 3 %: docs/BENCHMARKS.md §8).
 RUNTIME_BYTES = {"cpu": 600 * MiB, "cuda": 1 * GiB}
 FSDP_TRIES = (2, 4, 8)
 
@@ -253,6 +255,7 @@ class Job:
     eval_tasks: str = CompressConfig.eval_tasks
     eval_parallelize: bool = CompressConfig.eval_parallelize  # weights split over the GPUs (num_processes)
     calibration: str = CompressConfig.calibration  # self-generated adds the generate phase
+    bf16: bool = RecoveryConfig.bf16  # recovery's bf16 autocast on CUDA: bf16 compute for float32 weights too
 
 
 def working_dtype(job: Job) -> str:
@@ -260,6 +263,11 @@ def working_dtype(job: Job) -> str:
     if job.dtype == "auto":
         return "bfloat16" if job.device.startswith("cuda") else "float32"
     return job.dtype
+
+
+def compute_dtype(job: Job) -> str:
+    """The dtype recovery computes in: bfloat16 under CUDA autocast (float32 weights too), else the working dtype."""
+    return "bfloat16" if _cuda(job) and job.bf16 else working_dtype(job)
 
 
 def trains(job: Job) -> str | None:
@@ -479,7 +487,9 @@ def _moments(m: ModelCounts, job: Job, checkpointing: bool, n_train: int, modes:
     embeddings / LM head exist; at the optimizer step all gradients do. The held-out KD loss
     (no grad, batch HELDOUT_BATCH) runs before and after training.
     """
-    dtype, tokens = working_dtype(job), per_process_batch(job) * job.seq_len
+    # activations, logits and autocast's weight copies are in the compute dtype (a float32 model on CUDA
+    # computes in bf16; measured on an H200, docs/BENCHMARKS.md §2)
+    dtype, tokens = compute_dtype(job), per_process_batch(job) * job.seq_len
     held_tokens = heldout_windows(job) * job.seq_len
     held = {"held-out KD logits": heldout_logits(m, held_tokens, dtype),
             "block forward": inference_transient(m, held_tokens, dtype)}
@@ -728,7 +738,7 @@ def job_from_config(cfg, target_layers: int, device: str) -> Job:
                device=device, num_processes=cfg.num_processes, fsdp=cfg.fsdp, batch_size=rec.batch_size,
                seq_len=cfg.seq_len, calibration_tokens=cfg.calibration_tokens,
                grad_checkpointing=rec.grad_checkpointing, scorer=cfg.scorer, eval_tasks=cfg.eval_tasks,
-               eval_parallelize=cfg.eval_parallelize, calibration=cfg.calibration)
+               eval_parallelize=cfg.eval_parallelize, calibration=cfg.calibration, bf16=rec.bf16)
 
 
 def _target(cfg, layers: int) -> int:

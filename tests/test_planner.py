@@ -130,6 +130,21 @@ def test_fsdp_shards_and_ddp_replicates():
     assert fsdp < 80 * GiB < one
 
 
+def test_float32_weights_on_cuda_compute_in_bf16_under_autocast():
+    """Activations and KD logits follow the compute dtype: a float32 model under CUDA autocast saves bf16 ones
+    (an H200 measured 6.8 GiB where float32 activations would have planned 9.6, docs/BENCHMARKS.md §2)."""
+    m = planner.counts_from_config(planner.read_config(REPO / "configs/models/llama-1b-random/config.json"))
+
+    def parts(**kw):
+        job = planner.Job(target_layers=20, device="cuda", method="kd", trainable="adjacent", seq_len=1024, **kw)
+        return planner.recovery_parts(m, job, False)[0]
+
+    auto, autocast, fp32 = parts(dtype="auto"), parts(dtype="float32"), parts(dtype="float32", bf16=False)
+    assert autocast["activations"] == auto["activations"] and autocast["KD logits"] == auto["KD logits"]
+    assert fp32["activations"] > 1.5 * autocast["activations"] and "autocast weight copies" not in fp32
+    assert autocast["teacher"] == 2 * auto["teacher"]  # the weights themselves stay float32
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 @pytest.mark.parametrize("scorer", ["output", "perplexity", "angular"])
 def test_score_phase_is_the_streamed_scorers_formula(family, scorer):
