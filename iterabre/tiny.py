@@ -47,6 +47,20 @@ def tiny_model(family: str = "llama", num_layers: int = 6, seed: int = 0):
     return model.eval()
 
 
+def spread_weights(model, std: float = 0.1, seed: int = 0):
+    """Redraw every weight matrix from N(0, std), in place; returns the model.
+
+    The default init (std 0.02) gives near-uniform logits and blocks that barely change the residual
+    stream: nothing to distil or reconstruct. With std 0.1 removing a block matters.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, std, generator=gen)
+    return model
+
+
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (256 byte tokens + specials) that needs no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -13,20 +13,14 @@ from iterabre.flops import block_flops_per_token, count_flops, forward_flops_per
 from iterabre.reconstruct import forward_capture
 from iterabre.recovery import recover
 from iterabre.surgery import decoder_blocks, remove_blocks
-from iterabre.tiny import tiny_model
+from iterabre.tiny import spread_weights, tiny_model
 
 SEQ = 16
 
 
 def _teacher(family="llama", layers=6):
     """A tiny model with weights large enough that a removed block changes the residual stream a lot."""
-    teacher = tiny_model(family, num_layers=layers, seed=0)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1, generator=gen)
-    return teacher
+    return spread_weights(tiny_model(family, num_layers=layers, seed=0))
 
 
 def _windows(n, seed=0, pad=False):

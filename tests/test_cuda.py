@@ -13,7 +13,7 @@ from iterabre.models import load_model
 from iterabre.recovery import recover
 from iterabre.scorers import SCORERS, naive_scores, score_blocks, streamed_scores
 from iterabre.surgery import decoder_blocks, remove_blocks
-from iterabre.tiny import byte_tokenizer, tiny_model
+from iterabre.tiny import byte_tokenizer, spread_weights, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
@@ -22,13 +22,7 @@ CUDA = "cuda"
 
 def _teacher(family="llama", layers=6):
     """A tiny model with weights large enough that removing a block matters (as in test_recovery)."""
-    teacher = tiny_model(family, num_layers=layers, seed=0)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1, generator=gen)
-    return teacher
+    return spread_weights(tiny_model(family, num_layers=layers, seed=0))
 
 
 def _data(n=16, seq=32, seed=0):

@@ -13,7 +13,7 @@ from iterabre.errors import IterabreError
 from iterabre.recovery import (RECOVERY_METHODS, LossGuard, adjacent_blocks, kd_loss_on, lr_factor, plan_steps,
                                recover)
 from iterabre.surgery import remove_blocks
-from iterabre.tiny import tiny_model
+from iterabre.tiny import spread_weights, tiny_model
 
 REMOVED = [2]
 
@@ -29,12 +29,7 @@ def _data(n=16, seq=32, seed=0):
 
 def _pair(family="llama", removed=REMOVED):
     """(teacher, student = teacher minus `removed` blocks)."""
-    teacher = tiny_model(family, num_layers=6, seed=0)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # default init (std 0.02) gives near-uniform logits: nothing to distil
-        for p in teacher.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1, generator=gen)
+    teacher = spread_weights(tiny_model(family, num_layers=6, seed=0))
     return teacher, remove_blocks(copy.deepcopy(teacher), removed)
 
 
