@@ -7,23 +7,25 @@
 # Results land in $OUT/results (bench/results/*-cuda.json once copied back), the log in $OUT/log.
 # What travels with the working tree (the device tool's `carry`): .whl (this project's transformers, peft,
 # accelerate and their newer dependencies, from `pip download`), .gpu/smollm2-135m (config and tokenizer),
-# data. ITERABRE_BENCH_COMMIT names the commit when the copy has no .git.
+# data. ITERABRE_BENCH_COMMIT names the commit when the copy has no .git. PYTHON: the interpreter with torch
+# (default python3; on a machine set up with `make setup`: PYTHON=.venv/bin/python).
 set -u
+PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/device-check}
 mkdir -p "$OUT/results"
 exec > >(tee "$OUT/log") 2>&1
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 ITERABRE_BENCH_RESULTS=$OUT/results \
   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, \
+$PY -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, \
 torch.cuda.get_device_name(0))" || exit 1
-[ -f models/smollm2-135m/model.safetensors ] || python3 bench/stand_in.py .gpu/smollm2-135m models/smollm2-135m
-python3 -c "import iterabre, os; print('allocator:', os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
-s=$SECONDS; timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py; echo "[tests: $((SECONDS - s)) s]"
-s=$SECONDS; timeout 150 python3 bench/recovery.py --device cuda --batch-size 8 --seq-len 512; echo "[recovery: $((SECONDS - s)) s]"
-s=$SECONDS; timeout 220 python3 bench/planner.py --device cuda; echo "[planner: $((SECONDS - s)) s]"
+[ -f models/smollm2-135m/model.safetensors ] || $PY bench/stand_in.py .gpu/smollm2-135m models/smollm2-135m
+$PY -c "import iterabre, os; print('allocator:', os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
+s=$SECONDS; timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py; echo "[tests: $((SECONDS - s)) s]"
+s=$SECONDS; timeout 150 $PY bench/recovery.py --device cuda --batch-size 8 --seq-len 512; echo "[recovery: $((SECONDS - s)) s]"
+s=$SECONDS; timeout 220 $PY bench/planner.py --device cuda; echo "[planner: $((SECONDS - s)) s]"
