@@ -457,7 +457,7 @@ def _quality_row(q: dict) -> list:
             f"{ours['wikitext_word_ppl']:.1f} / {ours['blimp_acc']:.3f}" if ours else "", "BENCHMARKS §5"]
 
 
-EQUAL_GLANCE = ("quality-equal-10b", "quality-equal-6b", "quality-equal-16k")  # the equal-compute seed sets the glance table shows
+EQUAL_GLANCE = ("quality-equal-10b", "quality-equal-8b", "quality-equal-6b", "quality-equal-16k")  # the equal-compute seed sets the glance table shows
 
 
 def _equal_row(files: list[dict], base: dict | None) -> list:
