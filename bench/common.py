@@ -137,6 +137,12 @@ def write_json(name: str, payload: dict) -> Path:
     return files.write_json(payload, result_path(name), indent=2, sort_keys=False)
 
 
+def phase_mb(phase) -> dict:
+    """A planner PhaseEstimate as a result file stores it: total and parts in MiB, and its note."""
+    return {"estimate_mb": phase.per_process / 2**20, "parts_mb": {k: v / 2**20 for k, v in phase.parts.items()},
+            "note": phase.note}
+
+
 def rewrite_derived(name: str, derive) -> Path:
     """Re-derive what a result file computes from its measurements (e.g. the planner's estimates after a planner
     change), keeping the measurements and the machine line: `derive(result) -> result`."""

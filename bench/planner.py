@@ -93,9 +93,7 @@ def estimate(unit: dict, device: str = "cpu") -> dict:
     from iterabre import planner
 
     m = planner.counts_for(str(REPO / unit["model"]))
-    phase = planner.recovery_phase(m, job_of(unit, device), unit.get("ckpt", False))
-    return {"estimate_mb": phase.per_process / 2**20, "parts_mb": {k: v / 2**20 for k, v in phase.parts.items()},
-            "note": phase.note}
+    return common.phase_mb(planner.recovery_phase(m, job_of(unit, device), unit.get("ckpt", False)))
 
 
 # ---------------------------------------------------------------- the child
@@ -170,25 +168,26 @@ def child(uid: str, device: str) -> None:
 
 # ---------------------------------------------------------------- the parent
 
+def _estimated(measured: dict, unit: dict, device: str) -> dict:
+    """A unit's measurement with the current planner's estimate and, unless it failed, their ratio."""
+    est = estimate(unit, device)
+    return {**measured, **est, **({} if measured.get("failed") else {"ratio": est["estimate_mb"] / measured["peak_mb"]})}
+
+
 def with_estimates(result: dict, device: str) -> dict:
     """The result with every unit's estimate (and ratio) from the current planner."""
     table = CUDA_UNITS if device == "cuda" else UNITS
-    units = {}
-    for uid, u in result["units"].items():
-        est = estimate(table[uid], device)
-        units[uid] = {**u, **est, **({} if u.get("failed") else {"ratio": est["estimate_mb"] / u["peak_mb"]})}
-    return {**result, "units": units}
+    return {**result, "units": {uid: _estimated(u, table[uid], device) for uid, u in result["units"].items()}}
 
 
 def run_unit(uid: str, device: str) -> dict:
     """One unit in a fresh child: measured peak next to the estimate (or why the child failed)."""
     unit = (CUDA_UNITS if device == "cuda" else UNITS)[uid]
-    est = estimate(unit, device)
     try:
         measured = common.run_child(Path(__file__), ["--child", uid, "--device", device], timeout=7200)
     except RuntimeError as e:  # e.g. out of memory: the estimate said it fits, the device did not agree
-        return {**unit, **est, "failed": str(e).splitlines()[-1]}
-    return {**unit, **measured, **est, "ratio": est["estimate_mb"] / measured["peak_mb"]}
+        measured = {"failed": str(e).splitlines()[-1]}
+    return _estimated({**unit, **measured}, unit, device)
 
 
 def rows(units: dict) -> list[list]:

@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: table)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (default 4; quick 2)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128; quick 64)")
-    p.add_argument("--refresh-estimate", action="store_true",
+    p.add_argument("--refresh-estimates", action="store_true",
                    help="rewrite the saved planner estimate with the current planner (measurements kept)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # variant name: memory probe
     return p.parse_args()
@@ -63,8 +63,7 @@ def setup(size: dict, device: str = "cpu"):
     teacher, tokenizer = load_model("smollm2-135m", device=device)
     student = remove_blocks(copy.deepcopy(teacher), REMOVED)
     n = size["batch_size"] * size["steps"]
-    docs = load_documents("wikitext", "valid")
-    ids = token_windows(tokenizer, docs[:40] if n * size["seq_len"] <= 4096 else docs, size["seq_len"])[:n]
+    ids = token_windows(tokenizer, load_documents("wikitext", "valid"), size["seq_len"])[:n]
     if len(ids) < n:
         raise SystemExit(f"wikitext valid gives {len(ids)} windows of {size['seq_len']} tokens, {n} needed: "
                          "use a smaller --batch-size or --seq-len")
@@ -222,9 +221,7 @@ def planner_estimate(size: dict, device: str) -> dict:
     m = planner.counts_for("smollm2-135m")
     job = planner.Job(target_layers=m.num_layers - len(REMOVED), schedule="one-shot", method="kd", trainable="all",
                       dtype="float32", device=device, batch_size=size["batch_size"], seq_len=size["seq_len"])
-    phase = planner.recovery_phase(m, job, False)
-    return {"estimate_mb": phase.per_process / 2**20, "parts_mb": {k: v / 2**20 for k, v in phase.parts.items()},
-            "note": phase.note}
+    return common.phase_mb(planner.recovery_phase(m, job, False))
 
 
 def with_estimate(result: dict) -> dict:
@@ -276,7 +273,9 @@ def memory(args) -> dict:
     """Peak RSS of each variant in a fresh process."""
     extra = (["--quick"] if args.quick else []) + (["--threads", str(args.threads)] if args.threads else [])
     extra += ["--device", args.device]
-    extra += [x for k in ("batch_size", "seq_len") if getattr(args, k) for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value:
+            extra += [flag, str(value)]
     return common.child_memory(Path(__file__), {v: v for v in VARIANTS}, extra, "training_mb")
 
 
@@ -286,7 +285,7 @@ def main() -> None:
     common.apply_threads(args.threads)
     if args.child:
         return child(args.child, args)
-    if args.refresh_estimate:
+    if args.refresh_estimates:
         for name in ("recovery", "recovery-cuda"):
             if common.result_path(name).exists():
                 common.rewrite_derived(name, with_estimate)

@@ -568,18 +568,15 @@ def costs(files: dict[str, dict]) -> str:
                 f"held-out hidden-state error {by['reconstruct']['rel_error']:.2f} in "
                 f"{by['reconstruct']['seconds']:.0f} s vs {by['kd']['rel_error']:.2f} in {by['kd']['seconds']:.0f} s "
                 f"(none: {by['none']['rel_error']:.2f})")
-    if "planner" in files and files["planner"]["units"]:
-        u = files["planner"]["units"]
-        errors = [100 * (x["ratio"] - 1) for x in u.values()]
-        models = sorted({x["model"].split("/")[-1] for x in u.values()})
-        row("planner", "memory planner's recovery estimate vs measured peak RSS",
-            f"{min(errors):+.1f} % to {max(errors):+.1f} % ({len(u)} recoveries of {', '.join(models)})")
-    if "planner-cuda" in files and files["planner-cuda"]["units"]:
-        u = {k: x for k, x in files["planner-cuda"]["units"].items() if not x.get("failed")}
-        errors = [100 * (x["ratio"] - 1) for x in u.values()]
-        models = sorted({x["model"].split("/")[-1] for x in u.values()})
-        row("planner-cuda", f"the same on one {files['planner-cuda']['machine']['cuda']} (GPU memory)",
-            f"{min(errors):+.1f} % to {max(errors):+.1f} % ({len(u)} recoveries of {', '.join(models)})")
+    for name in ("planner", "planner-cuda"):
+        u = {k: x for k, x in files.get(name, {}).get("units", {}).items() if not x.get("failed")}
+        if u:
+            errors = [100 * (x["ratio"] - 1) for x in u.values()]
+            models = sorted({x["model"].split("/")[-1] for x in u.values()})
+            gpu = files[name]["machine"].get("cuda") if name.endswith("-cuda") else None
+            row(name, f"the same on one {gpu} (GPU memory)" if gpu else
+                "memory planner's recovery estimate vs measured peak RSS",
+                f"{min(errors):+.1f} % to {max(errors):+.1f} % ({len(u)} recoveries of {', '.join(models)})")
     return md(["what", "measured", "details"], rows)
 
 

@@ -16,15 +16,15 @@ from pathlib import Path
 
 def main(src: str, dest: str) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from iterabre.models import _load_tokenizer, save_model
+    from iterabre.models import save_model
     from iterabre.paths import SOURCE_FILE
     from iterabre.planner import read_config
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(read_config(Path(src) / "config.json"), dtype=torch.float32).eval()
-    tokenizer = _load_tokenizer(Path(src), None, False, src)
+    tokenizer = AutoTokenizer.from_pretrained(src)
     note = f"random weights with the shapes of {Path(src).name} (the real weights could not travel here)"
     save_model(model, tokenizer, dest, extra={SOURCE_FILE: {"name": Path(dest).name, "stand_in": note}})
     print(f"wrote {dest}: {note}")
