@@ -3,7 +3,9 @@
 #   1. tests/test_cuda.py: bf16 loading, scoring, KD / LoRA-KD / block-recon in bf16 autocast, streamed scoring;
 #   2. bench/recovery.py on CUDA: KD tokens/s and MFU against a Hugging Face Trainer, peak GPU memory
 #      next to the planner's estimate (SmolLM2's shapes; a random stand-in where its weights cannot travel);
-#   3. bench/planner.py --device cuda: the planner's recovery estimate against measured GPU memory, up to 8B.
+#   3. bench/planner.py --device cuda: the planner's recovery estimate against measured GPU memory, up to 8B;
+#   4. bench/phase_rates.py --device cuda: achieved TFLOP/s of scoring, block-recon and KD, up to 8B.
+# Arguments pick some of them by name (tests recovery planner phase_rates); none: all four.
 # Results land in $OUT/results (bench/results/*-cuda.json once copied back), the log in $OUT/log.
 # What travels with the working tree (the device tool's `carry`): .whl (this project's transformers, peft,
 # accelerate and their newer dependencies, from `pip download`), .gpu/smollm2-135m (config and tokenizer),
@@ -26,6 +28,13 @@ $PY -c "import torch, transformers, peft; print(torch.__version__, transformers.
 torch.cuda.get_device_name(0))" || exit 1
 [ -f models/smollm2-135m/model.safetensors ] || $PY bench/stand_in.py .gpu/smollm2-135m models/smollm2-135m
 $PY -c "import iterabre, os; print('allocator:', os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
-s=$SECONDS; timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py; echo "[tests: $((SECONDS - s)) s]"
-s=$SECONDS; timeout 150 $PY bench/recovery.py --device cuda --batch-size 8 --seq-len 512; echo "[recovery: $((SECONDS - s)) s]"
-s=$SECONDS; timeout 220 $PY bench/planner.py --device cuda; echo "[planner: $((SECONDS - s)) s]"
+steps=${*:-tests recovery planner phase_rates}
+run() {  # run STEP LIMIT CMD...: one step under its time limit, if it was asked for
+  local step=$1 limit=$2 s=$SECONDS; shift 2
+  [[ " $steps " == *" $step "* ]] || return 0
+  timeout "$limit" "$@"; echo "[$step: $((SECONDS - s)) s]"
+}
+run tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+run recovery 150 $PY bench/recovery.py --device cuda --batch-size 8 --seq-len 512
+run planner 220 $PY bench/planner.py --device cuda
+run phase_rates 300 $PY bench/phase_rates.py --device cuda
