@@ -37,4 +37,4 @@ run() {  # run STEP LIMIT CMD...: one step under its time limit, if it was asked
 run tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 run recovery 150 $PY bench/recovery.py --device cuda --batch-size 8 --seq-len 512
 run planner 220 $PY bench/planner.py --device cuda
-run phase_rates 300 $PY bench/phase_rates.py --device cuda
+run phase_rates 400 $PY bench/phase_rates.py --device cuda

@@ -26,11 +26,12 @@ NAME = "phase_rates"
 # model -> config folder (the first that exists; .gpu/ is where the config travels to a lent GPU)
 MODELS = {"smollm2": ("models/smollm2-135m", ".gpu/smollm2-135m"), "llama1b": ("configs/models/llama-1b-random",),
           "llama8b": ("configs/models/llama-3.1-8b",)}
-PHASES = ("score-output", "block-recon", "kd")
+PHASES = ("score-output", "block-recon", "kd", "lora-kd")
+TRAINING = ("kd", "lora-kd")  # phases whose optimizer steps are timed one by one
 # sizes per device: calibration windows scored, KD micro-batch and steps, block-recon tokens and Adam steps
 SIZES = {
     "cpu": dict(seq=128, calib=8, batch=4, kd_steps=4, recon_tokens=2048, recon_steps=20),
-    "cuda": dict(seq=512, calib=32, batch=8, kd_steps=12, recon_tokens=16384, recon_steps=100),
+    "cuda": dict(seq=512, calib=32, batch=8, kd_steps=16, recon_tokens=16384, recon_steps=100),
 }
 QUICK = dict(seq=64, calib=2, batch=2, kd_steps=2, recon_tokens=256, recon_steps=4)
 CPU_MODELS, CUDA_MODELS = ("smollm2",), ("smollm2", "llama1b", "llama8b")
@@ -116,17 +117,28 @@ def run_phase(unit: dict, device: str) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         return {"tokens": ids.numel(), "seconds": time.perf_counter() - start, "flops": counted.total}
-    kd = unit["phase"] == "kd"
+    kd = unit["phase"] in TRAINING
     rows = unit["batch"] * unit["kd_steps"] if kd else unit["recon_tokens"] // seq
     ids = torch.randint(0, vocab, (rows, seq), generator=gen)
     held = ids[: unit["batch"]]  # one micro-batch of held-out checks before and after, as a job runs them
     cfg = RecoveryConfig(method=unit["phase"], tokens=ids.numel() if kd else 0, batch_size=unit["batch"],
                          block_recon_tokens=unit["recon_tokens"], block_recon_steps=unit["recon_steps"],
                          max_loss_ratio=1e9)
-    r = recover(student, teacher, ids, torch.ones_like(ids), cfg, removed, device=device,
-                heldout_ids=held, heldout_mask=torch.ones_like(held))
-    tokens = r.tokens if kd else unit["recon_tokens"]
-    return {"tokens": tokens, "seconds": r.seconds, "flops": r.flops, "steps": r.steps}
+    marks = []  # (seconds, FLOPs counted so far) at the end of every optimizer step
+
+    def mark(_info: dict) -> None:
+        marks.append((time.perf_counter(), counted.total))  # the loss was read: the step has finished
+
+    with count_flops() as counted:
+        r = recover(student, teacher, ids, torch.ones_like(ids), cfg, removed, progress=mark, device=device,
+                    heldout_ids=held, heldout_mask=torch.ones_like(held))
+    out = {"tokens": r.tokens if kd else unit["recon_tokens"], "seconds": r.seconds, "flops": r.flops,
+           "steps": r.steps}
+    if kd and len(marks) > 2:  # from the end of step 1 (warm-up, first allocations behind) to the last
+        (t0, f0), (t1, f1) = marks[1], marks[-1]
+        out.update(step_seconds=[b[0] - a[0] for a, b in zip(marks, marks[1:])], steady_flops=f1 - f0,
+                   steady_seconds=t1 - t0, steady_tokens=(len(marks) - 2) * unit["batch"] * seq)
+    return out
 
 
 def child(uid: str, args) -> None:
@@ -145,16 +157,23 @@ def derive(u: dict, peak: float | None) -> dict:
     if "failed" in u:
         return u
     rate = u["flops"] / u["seconds"]
-    return {**u, "tflop": u["flops"] / 1e12, "tflops_per_s": rate / 1e12, "mfu": rate / (peak * 1e12) if peak else None}
+    out = {**u, "tflop": u["flops"] / 1e12, "tflops_per_s": rate / 1e12, "mfu": rate / (peak * 1e12) if peak else None}
+    if "steady_seconds" in u:  # optimizer steps only, after the first
+        steady = u["steady_flops"] / u["steady_seconds"]
+        out.update(steady_tflops_per_s=steady / 1e12, steady_mfu=steady / (peak * 1e12) if peak else None,
+                   steady_tokens_per_s=u["steady_tokens"] / u["steady_seconds"])
+    return out
 
 
 def rows(units: dict) -> list[list]:
     """The table: one row per unit."""
     return [[uid, u.get("tokens"), u.get("seconds"), u.get("tflop"), u.get("tflops_per_s"), u.get("mfu"),
-             u.get("peak_mb"), u.get("failed", "")] for uid, u in units.items()]
+             u.get("steady_tokens_per_s"), u.get("steady_tflops_per_s"), u.get("steady_mfu"), u.get("peak_mb"),
+             u.get("failed", "")] for uid, u in units.items()]
 
 
-COLUMNS = ["unit", "tokens", "seconds", "TFLOP", "TFLOP/s", "MFU", "peak MiB", "failed"]
+COLUMNS = ["unit", "tokens", "seconds", "TFLOP", "TFLOP/s", "MFU", "steady tok/s", "steady TFLOP/s", "steady MFU",
+           "peak MiB", "failed"]
 
 
 def main() -> None:
