@@ -167,12 +167,12 @@ def derive(u: dict, peak: float | None) -> dict:
 
 def rows(units: dict) -> list[list]:
     """The table: one row per unit."""
-    return [[uid, u.get("tokens"), u.get("seconds"), u.get("tflop"), u.get("tflops_per_s"), u.get("mfu"),
+    return [[uid, f"{u['batch']} x {u['seq']}", u.get("tokens"), u.get("seconds"), u.get("tflop"), u.get("tflops_per_s"), u.get("mfu"),
              u.get("steady_tokens_per_s"), u.get("steady_tflops_per_s"), u.get("steady_mfu"), u.get("peak_mb"),
              u.get("failed", "")] for uid, u in units.items()]
 
 
-COLUMNS = ["unit", "tokens", "seconds", "TFLOP", "TFLOP/s", "MFU", "steady tok/s", "steady TFLOP/s", "steady MFU",
+COLUMNS = ["unit", "batch", "tokens", "seconds", "TFLOP", "TFLOP/s", "MFU", "steady tok/s", "steady TFLOP/s", "steady MFU",
            "peak MiB", "failed"]
 
 
@@ -190,27 +190,23 @@ def main() -> None:
     machine = common.machine_info()
     peak = peak_tflops(machine.get("cuda"), args.peak_tflops)
     units_plan = plan(device, args.quick)
-    if args.only:
-        wanted = args.only.split(",")
-        unknown = [u for u in wanted if u not in units_plan]
-        if unknown:
-            raise SystemExit(f"unknown unit(s) {', '.join(unknown)}: use some of {', '.join(units_plan)}")
-        units_plan = {u: units_plan[u] for u in wanted}
+    wanted = args.only.split(",") if args.only else list(units_plan)
+    unknown = [u for u in wanted if u not in units_plan]
+    if unknown:
+        raise SystemExit(f"unknown unit(s) {', '.join(unknown)}: use some of {', '.join(units_plan)}")
     s = {"device": device, "units": units_plan, "peak_tflops": peak}
     units = common.previous(name, s).get("units", {})
-    if not args.report_only:
-        for uid, unit in units_plan.items():
-            if uid in units:
-                continue
-            extra = ["--quick"] if args.quick else []
-            try:
-                measured = common.run_child(Path(__file__), ["--child", uid, "--device", device] + extra,
-                                            timeout=3600)
-            except RuntimeError as e:  # e.g. out of memory
-                measured = {"failed": str(e).splitlines()[-1]}
-            units[uid] = derive({**unit, **measured}, peak)
-            common.save_units(name, s, units, list(units_plan), NOTES)
-            print(f"[done] {uid}: {units[uid].get('tflops_per_s', units[uid].get('failed'))}", flush=True)
+    for uid in [] if args.report_only else wanted:
+        if uid in units and not units[uid].get("failed"):  # finished in an earlier run; a failed one runs again
+            continue
+        extra = ["--quick"] if args.quick else []
+        try:
+            measured = common.run_child(Path(__file__), ["--child", uid, "--device", device] + extra, timeout=3600)
+        except RuntimeError as e:  # e.g. out of memory
+            measured = {"failed": str(e).splitlines()[-1]}
+        units = common.save_units(name, s, {uid: derive({**units_plan[uid], **measured}, peak)}, list(units_plan),
+                                  NOTES, merge=True)
+        print(f"[done] {uid}: {units[uid].get('tflops_per_s', units[uid].get('failed'))} TFLOP/s", flush=True)
     common.print_table(f"Phase rates on {device}", COLUMNS, rows(units))
 
 

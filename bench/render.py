@@ -414,10 +414,33 @@ def planner_bench(d: dict) -> str:
     return md(COLUMNS, rows(d["units"]))
 
 
+PAPER_KD_TOKENS = 2_500_000  # the IteRABRe paper's recovery budget, in all
+
+
+def phase_rates(d: dict) -> str:
+    """bench/phase_rates.py: achieved TFLOP/s per phase; per model, what a FLOP of each phase costs in time
+    next to a FLOP of KD, and how long the paper's KD budget takes at the measured steady rate."""
+    from phase_rates import COLUMNS, rows
+
+    notes = []
+    models = dict.fromkeys(u["model"] for u in d["units"].values())
+    for m in models:
+        u = {x["phase"]: x for x in d["units"].values() if x["model"] == m and not x.get("failed")}
+        kd = u.get("kd", {}).get("steady_tflops_per_s")
+        if not kd:
+            continue
+        cost = ", ".join(f"{ph} x{kd / (x.get('steady_tflops_per_s') or x['tflops_per_s']):.2f}"
+                         for ph, x in u.items() if ph != "kd")
+        minutes = {ph: PAPER_KD_TOKENS / u[ph]["steady_tokens_per_s"] / 60 for ph in ("kd", "lora-kd") if ph in u}
+        notes.append(f"- {m}: seconds per FLOP against steady KD: {cost}; {PAPER_KD_TOKENS:,} KD tokens take "
+                     + " and ".join(f"{v:.1f} min ({ph})" for ph, v in minutes.items()) + " at the steady rate.")
+    return md(COLUMNS, rows(d["units"])) + ("\n\n" + "\n".join(notes) if notes else "")
+
+
 RENDER = {"scoring": scoring, "recovery": recovery, "pruned_speed": pruned_speed, "overhead": overhead,
           "plans": plans, "planner": planner_bench, "quality": quality, "budget_study": budget_study,
           "base_eval": base_eval, "recovery_methods": recovery_methods, "quality_equal": quality_equal,
-          "dtypes": dtypes}
+          "dtypes": dtypes, "phase_rates": phase_rates}
 
 
 def _mean(units: list[dict], key: str) -> float:
@@ -496,7 +519,7 @@ def glance_from_files() -> str:
 SECTIONS = {"scoring": "#1-block-scoring", "scoring-streamed": "#1-block-scoring",
             "recovery": "#2-recovery-throughput", "recovery-cuda": "#2-recovery-throughput", "pruned_speed": "#3-pruned-model-speed", "overhead": "#4-orchestration-overhead",
             "recovery_methods": "#6-recovery-methods", "planner": "#8-memory-planner",
-            "planner-cuda": "#8-memory-planner"}
+            "planner-cuda": "#8-memory-planner", "phase_rates-cuda": "#2-recovery-throughput"}
 
 
 def _x(value: float) -> str:
@@ -568,6 +591,15 @@ def costs(files: dict[str, dict]) -> str:
                 f"held-out hidden-state error {by['reconstruct']['rel_error']:.2f} in "
                 f"{by['reconstruct']['seconds']:.0f} s vs {by['kd']['rel_error']:.2f} in {by['kd']['seconds']:.0f} s "
                 f"(none: {by['none']['rel_error']:.2f})")
+    if "phase_rates-cuda" in files:
+        d = files["phase_rates-cuda"]
+        big = {x["phase"]: x for x in d["units"].values() if x["model"] == "llama8b" and not x.get("failed")}
+        if big:
+            rate = lambda x: x.get("steady_tflops_per_s") or x["tflops_per_s"]  # noqa: E731
+            row("phase_rates-cuda", f"TFLOP/s of each phase on one {d['machine']['cuda']}, Llama-3.1-8B shapes, "
+                "bf16 (KD steps after the first)",
+                ", ".join(f"{ph} {rate(x):.0f} ({x['batch']} x {x['seq']}, MFU {100 * (x.get('steady_mfu') or x['mfu']):.0f} %)"
+                          for ph, x in big.items()))
     for name in ("planner", "planner-cuda"):
         u = {k: x for k, x in files.get(name, {}).get("units", {}).items() if not x.get("failed")}
         if u:
