@@ -357,6 +357,7 @@ EQUAL_RECIPES = {  # name -> (scorer, schedule, recovery method, when KD runs: "
     "sleb-kd": ("perplexity", "iterative", "kd", "end"),  # SLEB: re-scored after each removal, KD once at the end
 }
 VARIANT_KNOBS = {"lr": float, "block_recon_lr": float,  # `recipe@knob=value`: a RecoveryConfig knob changed
+                 "block_recon_blocks": str,
                  "calibration": str}  # ... or one of JOB_KNOBS, a CompressConfig knob
 JOB_KNOBS = ("calibration",)
 
@@ -364,6 +365,7 @@ JOB_KNOBS = ("calibration",)
 def recipe(name: str) -> tuple[tuple[str, str, str, str], dict]:
     """(EQUAL_RECIPES entry, knob overrides) of a recipe name such as `oneshot-kd@lr=2e-4` or
     `oneshot-block-recon+kd@calibration=self-generated`."""
+    from iterabre.blockrecon import TRAINED_BLOCKS
     from iterabre.config import CALIBRATIONS
 
     base, *variant = name.split("@")
@@ -372,9 +374,11 @@ def recipe(name: str) -> tuple[tuple[str, str, str, str], dict]:
     overrides = {}
     for part in variant:
         knob, _, value = part.partition("=")
-        if knob not in VARIANT_KNOBS or not value or (knob == "calibration" and value not in CALIBRATIONS):
+        choices = {"calibration": CALIBRATIONS, "block_recon_blocks": TRAINED_BLOCKS}.get(knob)
+        if knob not in VARIANT_KNOBS or not value or (choices and value not in choices):
             raise SystemExit(f"bad recipe variant {part!r} in {name!r}: use @KNOB=VALUE, KNOB one of "
-                             f"{', '.join(VARIANT_KNOBS)} (calibration: {' | '.join(CALIBRATIONS)})")
+                             f"{', '.join(VARIANT_KNOBS)} (calibration: {' | '.join(CALIBRATIONS)}; "
+                             f"block_recon_blocks: {' | '.join(TRAINED_BLOCKS)})")
         overrides[knob] = VARIANT_KNOBS[knob](value)
     return EQUAL_RECIPES[base], overrides
 
@@ -463,13 +467,14 @@ def _units(sh: Shapes, removed: list[int], which: str = "before"):
     return units_for(kept, list(range(sh.layers)), removed, which)
 
 
-def block_recon_flops(sh: Shapes, s: dict, removed: list[int], tokens: int, steps: int) -> int:
-    """Capture `tokens` pairs per unit, `steps` Adam steps per unit, held-out gap error before and after."""
+def block_recon_flops(sh: Shapes, s: dict, removed: list[int], tokens: int, steps: int, which: str = "before") -> int:
+    """Capture `tokens` pairs per unit, `steps` Adam steps per unit, held-out gap error before and after;
+    `which`: the kept blocks each unit trains (RecoveryConfig.block_recon_blocks)."""
     held = -(-s["calib_tokens"] // s["seq_len"]) * s["seq_len"]
     tokens = -(-tokens // sh.seq_len) * sh.seq_len  # block-recon takes whole windows
     batch = _rc_default("block_recon_batch_size") * sh.seq_len
     total = 0
-    for u in _units(sh, removed):
+    for u in _units(sh, removed, which):
         capture = (u.positions[0] + u.target + 1) * sh.blk  # student blocks before the unit, teacher to the target
         unit = len(u.positions) * sh.blk
         total += tokens * capture + 2 * held * (capture + unit) + steps * batch * 3 * unit
@@ -513,15 +518,16 @@ def _whole(tokens: float, unit: int) -> int:
     return max(0, int(tokens // unit) * unit)
 
 
-def capture_tokens(sh: Shapes, s: dict, removed: list[int], budget: float, mb: int) -> int:
+def capture_tokens(sh: Shapes, s: dict, removed: list[int], budget: float, mb: int, which: str = "before") -> int:
     """block_recon_tokens' default, or fewer whole micro-batches when capturing them would take more than
     half of block-recon's `budget` (the rest is for its Adam steps)."""
-    checks = block_recon_flops(sh, s, removed, 0, 0)  # held-out gap errors before and after
-    per_token = (block_recon_flops(sh, s, removed, mb, 0) - checks) / mb
+    checks = block_recon_flops(sh, s, removed, 0, 0, which)  # held-out gap errors before and after
+    per_token = (block_recon_flops(sh, s, removed, mb, 0, which) - checks) / mb
     return min(_whole(_rc_default("block_recon_tokens"), mb), _whole((budget / 2 - checks) / per_token, mb))
 
 
-def iterative_block_recon_kd(sh: Shapes, s: dict, removed: list[int], left: float, mb: int) -> tuple[int, int, int]:
+def iterative_block_recon_kd(sh: Shapes, s: dict, removed: list[int], left: float, mb: int,
+                             which: str = "before") -> tuple[int, int, int]:
     """(KD tokens, predicted FLOPs, Adam steps per gap) of block-recon+kd after every removal, half of `left` each.
 
     The budget is split equally over the steps (budget_schedule=equal): block-recon captures from each
@@ -537,8 +543,8 @@ def iterative_block_recon_kd(sh: Shapes, s: dict, removed: list[int], left: floa
     budgets = step_budgets(tokens, S, "equal", unit=mb)  # as the flow splits them
     kd = sum(b * kd_per_token(sh, sh.layers - i) for i, b in enumerate(budgets, 1))
     caps = [min(_rc_default("block_recon_tokens"), max(b, sh.seq_len)) for b in budgets]  # capped by the windows
-    fixed = sum(block_recon_flops(sh, s, [r], c, 0) for r, c in zip(removed, caps))
-    per_step = sum(block_recon_flops(sh, s, [r], c, 1) for r, c in zip(removed, caps)) - fixed
+    fixed = sum(block_recon_flops(sh, s, [r], c, 0, which) for r, c in zip(removed, caps))
+    per_step = sum(block_recon_flops(sh, s, [r], c, 1, which) for r, c in zip(removed, caps)) - fixed
     steps = max(0, int((left - kd - fixed) // per_step))
     return tokens, int(kd + fixed + steps * per_step), steps
 
@@ -552,6 +558,7 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
     sh = shapes(s["model"], s["seq_len"])
     (scorer, schedule, method, when), overrides = recipe(name)
     job = {k: v for k, v in overrides.items() if k in JOB_KNOBS}
+    which = overrides.get("block_recon_blocks", _rc_default("block_recon_blocks"))
     scoring, Ls = scoring_flops(sh, s, scorer, schedule), sh.layers - s["blocks"]
     generated = generation_flops(sh, s, method, job.get("calibration", "wikitext"))
     left, mb = s["flops"] - scoring - generated, s["kd_batch_size"] * s["seq_len"]
@@ -574,23 +581,23 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
         tokens = _whole(left / (reconstruct_flops(sh, removed, 1)), mb)
         spent = reconstruct_flops(sh, removed, tokens)
     elif method == "block-recon":
-        tokens = capture_tokens(sh, s, removed, left, mb)
+        tokens = capture_tokens(sh, s, removed, left, mb, which)
         rec["block_recon_tokens"] = tokens
-        fixed = block_recon_flops(sh, s, removed, tokens, 0)
-        per_step = block_recon_flops(sh, s, removed, tokens, 1) - fixed
+        fixed = block_recon_flops(sh, s, removed, tokens, 0, which)
+        per_step = block_recon_flops(sh, s, removed, tokens, 1, which) - fixed
         rec["block_recon_steps"] = max(0, int((left - fixed) // per_step))
-        spent = block_recon_flops(sh, s, removed, tokens, rec["block_recon_steps"])
+        spent = block_recon_flops(sh, s, removed, tokens, rec["block_recon_steps"], which)
     elif method == "block-recon+kd" and schedule == "iterative":  # after every removal: its gap, then KD
-        tokens, spent, rec["block_recon_steps"] = iterative_block_recon_kd(sh, s, removed, left, mb)
+        tokens, spent, rec["block_recon_steps"] = iterative_block_recon_kd(sh, s, removed, left, mb, which)
         fields.update(budget_schedule="equal")  # every step gets windows to capture from (see the function)
     elif method == "block-recon+kd":  # half the recovery FLOPs each; block-recon captures from the KD windows
         tokens = _whole(left / 2 / kd_per_token(sh, Ls), mb)
-        rec["block_recon_tokens"] = min(capture_tokens(sh, s, removed, left - tokens * kd_per_token(sh, Ls), mb),
+        rec["block_recon_tokens"] = min(capture_tokens(sh, s, removed, left - tokens * kd_per_token(sh, Ls), mb, which),
                                         tokens)
-        fixed = block_recon_flops(sh, s, removed, rec["block_recon_tokens"], 0)
-        per_step = block_recon_flops(sh, s, removed, rec["block_recon_tokens"], 1) - fixed
+        fixed = block_recon_flops(sh, s, removed, rec["block_recon_tokens"], 0, which)
+        per_step = block_recon_flops(sh, s, removed, rec["block_recon_tokens"], 1, which) - fixed
         rec["block_recon_steps"] = max(0, int((left - tokens * kd_per_token(sh, Ls) - fixed) // per_step))
-        spent = block_recon_flops(sh, s, removed, rec["block_recon_tokens"], rec["block_recon_steps"])
+        spent = block_recon_flops(sh, s, removed, rec["block_recon_tokens"], rec["block_recon_steps"], which)
         spent += tokens * kd_per_token(sh, Ls)
     fields["recovery_tokens"] = tokens
     return {"fields": fields, "recovery": rec, "scoring": scoring, "generation": generated,

@@ -204,9 +204,30 @@ def test_recipe_variants_change_one_knob_and_bad_ones_stop():
     assert quality.recipe("oneshot-kd@lr=2e-4") == (quality.EQUAL_RECIPES["oneshot-kd"], {"lr": 2e-4})
     assert quality.recipe("sleb-kd") == (quality.EQUAL_RECIPES["sleb-kd"], {})
     assert quality.recipe("oneshot-block-recon@calibration=self-generated")[1] == {"calibration": "self-generated"}
-    for bad in ("nope", "oneshot-kd@lx=1", "oneshot-kd@lr=", "oneshot-kd@calibration=books"):
+    assert quality.recipe("oneshot-block-recon+kd@block_recon_blocks=both")[1] == {"block_recon_blocks": "both"}
+    for bad in ("nope", "oneshot-kd@lx=1", "oneshot-kd@lr=", "oneshot-kd@calibration=books",
+                "oneshot-block-recon@block_recon_blocks=after"):
         with pytest.raises(SystemExit):
             quality.recipe(bad)
+
+
+@pytest.mark.parametrize("which", ["before", "both"])
+def test_planned_block_recon_flops_match_what_the_flow_measures(tiny_model_dir, tmp_path, monkeypatch, which):
+    """`@block_recon_blocks=both` trains the blocks on both sides of each gap: the plan counts them, and the
+    flow's measured FLOPs (less the report-only held-out KD checks) are what the plan predicted."""
+    monkeypatch.setattr(quality, "evaluate_saved", lambda model, limits, s: {})
+    s = {"model": str(tiny_model_dir), "blocks": 2, "calib_tokens": 128, "seq_len": 32, "kd_batch_size": 2,
+         "equal_kd_tokens": 1024, "seed": 0, "eval": {}}
+    s["flops"] = quality.reference_flops(s)
+    removed = quality._oneshot_removal(s, {}, tmp_path, "output")
+    unit = quality.equal_unit(f"oneshot-block-recon@block_recon_blocks={which}", s, tmp_path, removed)
+    plan = unit["plan"]
+    assert plan["feasible"] and plan["recovery"]["block_recon_blocks"] == which
+    assert plan["recovery"]["block_recon_steps"] > 0
+    assert unit["recovery_flops"] == plan["recovery_flops"]
+    sh = quality.shapes(s["model"], s["seq_len"])
+    step = lambda w: quality.block_recon_flops(sh, s, removed, 64, 1, w) - quality.block_recon_flops(sh, s, removed, 64, 0, w)  # noqa: E731
+    assert step("both") > step("before")  # an Adam step trains two blocks at a gap with a kept block after it
 
 
 def test_every_recipe_is_planned_within_the_budget_self_generated_text_included():
