@@ -235,6 +235,12 @@ def _feasible(files: list[dict]) -> list[dict]:
     return [{k: u for k, u in d["units"].items() if u.get("feasible", True)} for d in files]
 
 
+def _knobs(overrides: dict) -> str:
+    """A recipe's changed knobs as the recovery column says them: ", lr 0.0002, block recon blocks both"."""
+    return "".join(f", {o.replace('_', ' ')} {v:g}" if isinstance(v, float) else f", {o.replace('_', ' ')} {v}"
+                   for o, v in overrides.items())
+
+
 def equal_seeds(files: list[dict]) -> str:
     """Equal-compute tables over seeds: mean ± sd per recipe, paired differences to the default recipe, the
     goal (beat every published baseline by more than the seed spread on perplexity, not worse on BLiMP) and
@@ -250,8 +256,7 @@ def equal_seeds(files: list[dict]) -> str:
         (scorer, schedule, method, when), overrides = recipe(k)
         d_ppl, d_blimp = _paired(runs, k, ref, "wikitext_word_ppl"), _paired(runs, k, ref, "blimp_acc")
         rows.append([f"**{k}**" if k == ref else k, scorer, schedule, method + (" at the end" if when == "end" and
-                     schedule == "iterative" else "") + "".join(f", {o} {v:g}" if isinstance(v, float) else f", {v} {o}"
-                                                        for o, v in overrides.items()), len(got),
+                     schedule == "iterative" else "") + _knobs(overrides), len(got),
                      sum(u["total_flops"] for u in got) / len(got) / files[0]["settings"]["flops"],
                      _msd([u["kd_tokens"] for u in got], 0), _msd([u["wikitext_word_ppl"] for u in got], 1),
                      _msd(d_ppl, 1) if k != ref else "", _msd([u["blimp_acc"] for u in got], 3),
