@@ -89,6 +89,18 @@ def apply_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def device(name: str) -> str:
+    """`--device` resolved as the library resolves it (auto -> cuda | cpu); a device this machine lacks
+    stops the script with the library's one-line message and its fix."""
+    from iterabre.devices import resolve_device
+    from iterabre.errors import IterabreError
+
+    try:
+        return resolve_device(name)
+    except IterabreError as e:
+        raise SystemExit(str(e)) from None
+
+
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo (platform.processor() is empty on Linux)."""
     try:

@@ -143,9 +143,7 @@ def run_phase(unit: dict, device: str) -> dict:
 
 def child(uid: str, args) -> None:
     """Measure one unit in this (fresh) process and print it as JSON."""
-    from iterabre.devices import resolve_device
-
-    device = resolve_device(args.device)
+    device = common.device(args.device)
     unit = plan(device, args.quick)[uid]
     out = {}
     mem = common.peak_of(lambda: out.update(run_phase(unit, device)), device)
@@ -182,10 +180,9 @@ def main() -> None:
     common.apply_threads(args.threads)
     if args.child:
         return child(args.child, args)
-    from iterabre.devices import resolve_device
     from iterabre.flops import peak_tflops
 
-    device = resolve_device(args.device)
+    device = common.device(args.device)
     name = common.result_name(args, NAME + ("-cuda" if device == "cuda" else ""))
     machine = common.machine_info()
     peak = peak_tflops(machine.get("cuda"), args.peak_tflops)

@@ -96,11 +96,9 @@ def settings(args) -> dict:
 
 def optional_settings(args) -> dict:
     """Settings that only appear when changed, so CPU result files made before they existed still resume."""
-    from iterabre.devices import resolve_device
-
     out = {}
-    if resolve_device(args.device) != "cpu":
-        out["device"] = resolve_device(args.device)
+    if common.device(args.device) != "cpu":
+        out["device"] = common.device(args.device)
     if args.kd_batch_size:
         out["kd_batch_size"] = args.kd_batch_size
     return out

@@ -183,10 +183,8 @@ RUNNERS = {"iterabre": run_iterabre, "hf_trainer": run_trainer}
 
 def compare(args) -> dict:
     """Alternate the two variants; collect per-run results."""
-    from iterabre.devices import resolve_device
-
     size = sizes(args)
-    teacher, template, ids = setup(size, resolve_device(args.device))
+    teacher, template, ids = setup(size, common.device(args.device))
     runs = {v: [] for v in VARIANTS}
     for r in range(size["repeats"] + 1):  # round 0 is the warm-up and is not counted
         for v in VARIANTS if r % 2 == 0 else reversed(VARIANTS):
@@ -260,9 +258,7 @@ def summarise(runs: dict) -> dict:
 
 def child(variant: str, args) -> None:
     """Memory probe: set up, reset the peak mark, run one variant once, read the peak (RSS or CUDA)."""
-    from iterabre.devices import resolve_device
-
-    size, device = sizes(args), resolve_device(args.device)
+    size, device = sizes(args), common.device(args.device)
     teacher, template, ids = setup(size, device)
     # the peak mark is reset after setup: the peak is then the training run's own
     peak = common.peak_of(lambda: RUNNERS[variant](teacher, template, ids, size), device)
@@ -293,9 +289,7 @@ def main() -> None:
     result = compare(args)
     if not args.no_memory:
         result["memory"] = memory(args)
-        from iterabre.devices import resolve_device
-
-        result["planner"] = planner_estimate(result["sizes"], resolve_device(args.device))
+        result["planner"] = planner_estimate(result["sizes"], common.device(args.device))
     result["weights"] = weights_note()
     s, mem, mfu = result["summary"], result.get("memory", {}), result["mfu"]
     rows = [[v, s[v]["tokens"], s[v]["train_tokens_per_s"], s[v]["call_tokens_per_s"],

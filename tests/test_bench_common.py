@@ -96,3 +96,14 @@ def test_machine_info_records_the_commit_from_iterabre_files():
 
     git = common.machine_info()["git"]
     assert git == {"commit": files.git_commit(common.REPO), "dirty": files.git_dirty(common.REPO)}
+
+
+def test_a_device_this_machine_lacks_stops_a_bench_with_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert common.device("auto") == "cpu"
+    with pytest.raises(SystemExit) as stop:
+        common.device("cuda")
+    assert "no CUDA GPU" in str(stop.value) and "Fix:" in str(stop.value) and "\n" not in str(stop.value)
