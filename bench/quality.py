@@ -355,9 +355,9 @@ EQUAL_RECIPES = {  # name -> (scorer, schedule, recovery method, when KD runs: "
     "sleb-kd": ("perplexity", "iterative", "kd", "end"),  # SLEB: re-scored after each removal, KD once at the end
 }
 VARIANT_KNOBS = {"lr": float, "block_recon_lr": float,  # `recipe@knob=value`: a RecoveryConfig knob changed
-                 "block_recon_blocks": str,
+                 "block_recon_blocks": str, "calibration_tokens": int,
                  "calibration": str}  # ... or one of JOB_KNOBS, a CompressConfig knob
-JOB_KNOBS = ("calibration",)
+JOB_KNOBS = ("calibration", "calibration_tokens")
 
 
 def recipe(name: str) -> tuple[tuple[str, str, str, str], dict]:
@@ -377,7 +377,11 @@ def recipe(name: str) -> tuple[tuple[str, str, str, str], dict]:
             raise SystemExit(f"bad recipe variant {part!r} in {name!r}: use @KNOB=VALUE, KNOB one of "
                              f"{', '.join(VARIANT_KNOBS)} (calibration: {' | '.join(CALIBRATIONS)}; "
                              f"block_recon_blocks: {' | '.join(TRAINED_BLOCKS)})")
-        overrides[knob] = VARIANT_KNOBS[knob](value)
+        try:
+            overrides[knob] = VARIANT_KNOBS[knob](value)
+        except ValueError:
+            raise SystemExit(f"bad recipe variant {part!r} in {name!r}: {knob} takes a "
+                             f"{VARIANT_KNOBS[knob].__name__}") from None
     return EQUAL_RECIPES[base], overrides
 
 
@@ -547,6 +551,11 @@ def iterative_block_recon_kd(sh: Shapes, s: dict, removed: list[int], left: floa
     return tokens, int(kd + fixed + steps * per_step), steps
 
 
+def recipe_settings(s: dict, name: str) -> dict:
+    """The bench settings as a recipe runs them: its `@calibration_tokens=` replaces the bench's."""
+    return {**s, "calib_tokens": recipe(name)[1].get("calibration_tokens", s["calib_tokens"])}
+
+
 def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
     """The recipe's knobs that spend the budget, and the FLOPs it is predicted to spend.
 
@@ -556,6 +565,7 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
     sh = shapes(s["model"], s["seq_len"])
     (scorer, schedule, method, when), overrides = recipe(name)
     job = {k: v for k, v in overrides.items() if k in JOB_KNOBS}
+    s = recipe_settings(s, name)  # a recipe's own calibration size scores, and sizes the held-out set
     which = overrides.get("block_recon_blocks", _rc_default("block_recon_blocks"))
     scoring, Ls = scoring_flops(sh, s, scorer, schedule), sh.layers - s["blocks"]
     generated = generation_flops(sh, s, method, job.get("calibration", "wikitext"))
@@ -621,11 +631,11 @@ def equal_unit(name: str, s: dict, work: Path, removed: list[int] | None) -> dic
     start, plan = time.perf_counter(), equal_plan(name, s, removed)
     if not plan["feasible"]:
         return {"label": name, "feasible": False, "plan": plan, "seconds": 0.0, "removed": []}
-    out = work / name
+    out, s = work / name, recipe_settings(s, name)
     cfg = CompressConfig(model=s["model"], target_layers=base_layers(s["model"]) - s["blocks"],
-                         calibration_tokens=s["calib_tokens"], seq_len=s["seq_len"], seed=s["seed"],
-                         eval_tasks="", output=str(out), recovery=RecoveryConfig(**plan["recovery"]),
-                         **plan["fields"])
+                         seq_len=s["seq_len"], seed=s["seed"], eval_tasks="", output=str(out),
+                         recovery=RecoveryConfig(**plan["recovery"]),
+                         **{"calibration_tokens": s["calib_tokens"], **plan["fields"]})
     report = common.run_flow(cfg)
     ev = evaluate_saved(report["final_dir"], s["eval"], s)
     shutil.rmtree(out, ignore_errors=True)
@@ -641,12 +651,16 @@ def equal_unit(name: str, s: dict, work: Path, removed: list[int] | None) -> dic
             "seconds": time.perf_counter() - start}
 
 
-def _oneshot_removal(s: dict, units: dict, work: Path, scorer: str = "output") -> list[int]:
-    """The one-shot removal of `scorer`: from a finished one-shot unit, else by scoring once as the flow does."""
+def _oneshot_removal(s: dict, units: dict, work: Path, scorer: str = "output", like: str | None = None) -> list[int]:
+    """The one-shot removal of `scorer` on the calibration size recipe `like` scores on: from a finished one-shot
+    unit that scored the same wikitext windows, else by scoring once as the flow does."""
+    calib = recipe_settings(s, like)["calib_tokens"] if like else s["calib_tokens"]
     done = [u["removed"] for k, u in units.items() if recipe(k)[0][:2] == (scorer, "one-shot")
-            and "calibration" not in recipe(k)[1] and u.get("removed")]  # scored on the wikitext windows
+            and "calibration" not in recipe(k)[1] and recipe_settings(s, k)["calib_tokens"] == calib
+            and u.get("removed")]  # scored on the same wikitext windows
     if done:
         return done[0]
+    s = {**s, "calib_tokens": calib}
     from iterabre import planning, steps
     from iterabre.config import CompressConfig
     from iterabre.embedded import EMBEDDED, pull_embedded_model
@@ -689,7 +703,7 @@ def run_equal(args) -> None:
             scorer, schedule, method, _ = recipe(uid)[0]
             # a repair is sized by the gaps: the one-shot removal's (an iterative recipe's predicted gaps, too)
             sized = method not in ("kd", "lora-kd") and (schedule == "one-shot" or method.startswith("block-recon"))
-            return equal_unit(uid, s, work, _oneshot_removal(s, done, work, scorer) if sized else None)
+            return equal_unit(uid, s, work, _oneshot_removal(s, done, work, scorer, like=uid) if sized else None)
 
         def save(uid, done):
             units[uid] = done

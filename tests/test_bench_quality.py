@@ -206,7 +206,7 @@ def test_recipe_variants_change_one_knob_and_bad_ones_stop():
     assert quality.recipe("oneshot-block-recon@calibration=self-generated")[1] == {"calibration": "self-generated"}
     assert quality.recipe("oneshot-block-recon+kd@block_recon_blocks=both")[1] == {"block_recon_blocks": "both"}
     for bad in ("nope", "oneshot-kd@lx=1", "oneshot-kd@lr=", "oneshot-kd@calibration=books",
-                "oneshot-block-recon@block_recon_blocks=after"):
+                "oneshot-block-recon@block_recon_blocks=after", "oneshot-kd@calibration_tokens=many"):
         with pytest.raises(SystemExit):
             quality.recipe(bad)
 
@@ -228,6 +228,27 @@ def test_planned_block_recon_flops_match_what_the_flow_measures(tiny_model_dir, 
     sh = quality.shapes(s["model"], s["seq_len"])
     step = lambda w: quality.block_recon_flops(sh, s, removed, 64, 1, w) - quality.block_recon_flops(sh, s, removed, 64, 0, w)  # noqa: E731
     assert step("both") > step("before")  # an Adam step trains two blocks at a gap with a kept block after it
+
+
+def test_a_recipes_own_calibration_size_is_planned_as_the_flow_runs_it(tiny_model_dir, tmp_path, monkeypatch):
+    """`@calibration_tokens=N` scores on N tokens (and the flow's held-out set grows with it): the plan's
+    scoring and recovery FLOPs are what the flow measured, and the larger scoring leaves less recovery."""
+    monkeypatch.setattr(quality, "evaluate_saved", lambda model, limits, s: {})
+    s = {"model": str(tiny_model_dir), "blocks": 2, "calib_tokens": 128, "seq_len": 32, "kd_batch_size": 2,
+         "equal_kd_tokens": 4096, "seed": 0, "eval": {}}  # block-recon gets whole batches
+    s["flops"] = quality.reference_flops(s)
+    name = "oneshot-block-recon+kd@calibration_tokens=256"
+    removed = quality._oneshot_removal(s, {}, tmp_path, "output", like=name)  # scored on its own 256 tokens
+    unit = quality.equal_unit(name, s, tmp_path, removed)
+    assert unit["removed"] == removed
+    plan, base = unit["plan"], quality.equal_plan("oneshot-block-recon+kd", s, removed)
+    sh = quality.shapes(s["model"], s["seq_len"])
+    assert plan["fields"]["calibration_tokens"] == 256
+    assert plan["scoring"] == quality.scoring_flops(sh, {**s, "calib_tokens": 256}, "output", "one-shot")
+    assert unit["scoring_flops"] == plan["scoring"] == 2 * base["scoring"]
+    assert unit["recovery_flops"] == plan["recovery_flops"]  # block-recon's held-out gap errors on 256 tokens
+    assert plan["fields"]["recovery_tokens"] < base["fields"]["recovery_tokens"]
+    assert unit["total_flops"] <= s["flops"]
 
 
 def test_every_recipe_is_planned_within_the_budget_self_generated_text_included():
