@@ -387,6 +387,15 @@ def recipe(name: str) -> tuple[tuple[str, str, str, str], dict]:
 
 DEFAULT_RECIPE = "oneshot-block-recon+kd@lr=2e-4"  # `iterabre compress`'s defaults (tests/test_bench_quality.py
 #                                                   holds them equal; recipes without @lr= train at common.TABLE_LR)
+
+
+def default_as_run() -> str:
+    """DEFAULT_RECIPE at `iterabre compress`'s own calibration size (the tables score on --calib-tokens)."""
+    from iterabre.config import CompressConfig
+
+    return f"{DEFAULT_RECIPE}@calibration_tokens={CompressConfig().calibration_tokens}"
+
+
 BASELINES = ("iterabre", "shortgpt-kd", "angular-kd", "sleb-kd")  # the published recipes the default must beat
 EQUAL_DEFAULT = "oneshot-kd,oneshot-reconstruct,oneshot-block-recon,oneshot-block-recon+kd"
 REPORT_CHECKS = {"block-recon+kd": 4, "reconstruct+kd": 4}  # held-out KD losses per phase (2 for the others)

@@ -182,6 +182,15 @@ def test_the_default_recipe_is_what_compress_runs_by_default():
     assert set(overrides) <= {"lr"}  # every other knob at the library's default
 
 
+def test_the_docs_measure_the_default_at_the_calibration_size_compress_uses():
+    """BENCHMARKS §5 names the default's recipe at compress's own calibration size: that size is the CLI's."""
+    import re
+
+    text = (common.REPO / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(" + re.escape(quality.DEFAULT_RECIPE) + r"@calibration_tokens=\d+)`", text))
+    assert named == {quality.default_as_run()}
+
+
 @pytest.mark.parametrize("scorer, n", [("output", 1), ("block-influence", 1), ("angular", 2), ("perplexity", 1)])
 def test_planned_scoring_flops_match_what_the_flow_measures(tiny_model_dir, tmp_path, scorer, n):
     """The budget solver's scoring prediction is the count of what the streamed scorer runs (perplexity: less
