@@ -153,8 +153,10 @@ with lifecycle.signals_as_interrupts():
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_job_whose_clean_up_hangs_still_ends(sig, second):
     # The first signal unwinds the job and arms a watchdog; the process ends STOP_GRACE_S later
-    # (or at once on a second signal) even though its clean-up never returns.
-    proc = subprocess.Popen([sys.executable, "-c", STUCK, "2", second], stdout=subprocess.PIPE, text=True)
+    # (or at once on a second signal) even though its clean-up never returns. With a second signal
+    # the grace is long, so "at once" (milliseconds) stays apart from the watchdog on a loaded CI box.
+    grace = 15 if second == "again" else 2
+    proc = subprocess.Popen([sys.executable, "-c", STUCK, str(grace), second], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     sent = time.time()
     proc.send_signal(sig)
@@ -162,7 +164,7 @@ def test_a_stopped_job_whose_clean_up_hangs_still_ends(sig, second):
     last = signal.SIGINT if second == "again" else sig  # the exit code names the signal that ended it
     assert proc.wait(timeout=30) == 128 + last
     took = time.time() - sent
-    assert took < 1.9 if second == "again" else 1.9 < took < 20
+    assert took < 10 if second == "again" else 1.9 < took < 20
 
 
 @pytest.mark.slow
