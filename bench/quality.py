@@ -96,9 +96,9 @@ def settings(args) -> dict:
 
 def optional_settings(args) -> dict:
     """Settings that only appear when changed, so CPU result files made before they existed still resume."""
-    out = {}
-    if common.device(args.device) != "cpu":
-        out["device"] = common.device(args.device)
+    out, device = {}, common.device(args.device)
+    if device != "cpu":
+        out["device"] = device
     if args.kd_batch_size:
         out["kd_batch_size"] = args.kd_batch_size
     return out
