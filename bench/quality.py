@@ -347,14 +347,17 @@ EQUAL_RECIPES = {  # name -> (scorer, schedule, recovery method, when KD runs: "
     "oneshot-reconstruct": ("output", "one-shot", "reconstruct", "steps"),
     "oneshot-block-recon": ("output", "one-shot", "block-recon", "steps"),
     "oneshot-block-recon+kd": ("output", "one-shot", "block-recon+kd", "steps"),
+    "oneshot-reconstruct+kd": ("output", "one-shot", "reconstruct+kd", "steps"),  # least squares on a few windows, then KD
     "iterabre": ("output", "iterative", "kd", "steps"),  # the paper: KD after every removal (increasing budget)
     "iterative-block-recon+kd": ("output", "iterative", "block-recon+kd", "steps"),  # block-recon+kd after every removal
     "shortgpt-kd": ("block-influence", "one-shot", "kd", "steps"),  # ShortGPT's block influence, then KD
     "angular-kd": ("angular", "one-shot", "kd", "steps"),  # Gromov et al.'s contiguous run, then KD
     "angular-block-recon+kd": ("angular", "one-shot", "block-recon+kd", "steps"),  # that run, repaired by block-recon+kd
+    "angular-reconstruct+kd": ("angular", "one-shot", "reconstruct+kd", "steps"),  # that run, least squares, then KD
     "sleb-kd": ("perplexity", "iterative", "kd", "end"),  # SLEB: re-scored after each removal, KD once at the end
 }
-VARIANT_KNOBS = {"lr": float, "block_recon_lr": float,  # `recipe@knob=value`: a RecoveryConfig knob changed
+VARIANT_KNOBS = {"lr": float, "block_recon_lr": float, "reconstruct_tokens": int,  # `recipe@knob=value`: a
+                 #                                           RecoveryConfig knob changed
                  "block_recon_blocks": str, "calibration_tokens": int,
                  "calibration": str}  # ... or one of JOB_KNOBS, a CompressConfig knob
 JOB_KNOBS = ("calibration", "calibration_tokens")
@@ -604,6 +607,11 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
         per_step = block_recon_flops(sh, s, removed, tokens, 1, which) - fixed
         rec["block_recon_steps"] = max(0, int((left - fixed) // per_step))
         spent = block_recon_flops(sh, s, removed, tokens, rec["block_recon_steps"], which)
+    elif method == "reconstruct+kd":  # the fit reads the first `reconstruct_tokens` KD windows, KD the rest
+        fit = rec.setdefault("reconstruct_tokens", _whole(_rc_default("block_recon_tokens"), mb))  # block-recon's size
+        tokens = _whole((left - reconstruct_flops(sh, removed, fit)) / kd_per_token(sh, Ls), mb)
+        rec["reconstruct_tokens"] = min(fit, tokens)  # the fit cannot read windows KD does not have
+        spent = reconstruct_flops(sh, removed, rec["reconstruct_tokens"]) + tokens * kd_per_token(sh, Ls)
     elif method == "block-recon+kd" and schedule == "iterative":  # after every removal: its gap, then KD
         tokens, spent, rec["block_recon_steps"] = iterative_block_recon_kd(sh, s, removed, left, mb, which)
         fields.update(budget_schedule="equal")  # every step gets windows to capture from (see the function)

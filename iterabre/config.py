@@ -64,6 +64,9 @@ class RecoveryConfig:
     early_stop_tol: float = knob(0.01, "Plateau = relative held-out improvement below this.")
     ridge: float = knob(0.3, "reconstruct: ridge relative to the mean Gram diagonal, pulls towards the current "
                              "weights (0.3 measured best on SmolLM2).")
+    reconstruct_tokens: int = knob(0, "reconstruct: non-padding tokens the least-squares fit reads, the first "
+                                      "recovery windows that reach it (0: all of them; reconstruct+kd then gives "
+                                      "KD the whole budget while the fit reads only these).")
     block_recon_blocks: str = knob("before", "block-recon: which kept blocks train at each gap: before (the one "
                                              "before it) | both (before and after, together).",
                                    "iterabre.blockrecon:TRAINED_BLOCKS")
@@ -236,6 +239,9 @@ def check_recovery(rec: RecoveryConfig) -> None:
     if rec.early_stop_tokens < 0 or not rec.early_stop_tol >= 0:
         raise IterabreError(f"recovery needs early_stop_tokens >= 0 and early_stop_tol >= 0 (got "
                             f"{rec.early_stop_tokens}, {rec.early_stop_tol}).", "fix the recovery settings")
+    if rec.reconstruct_tokens < 0:
+        raise IterabreError(f"reconstruct_tokens={rec.reconstruct_tokens} must be >= 0 (0: every recovery token).",
+                            "pass e.g. --reconstruct-tokens 4096")
     if not rec.lr > 0 or not 0 <= rec.warmup_frac < 1:
         raise IterabreError(f"recovery needs lr > 0 and 0 <= warmup_frac < 1 (got {rec.lr}, {rec.warmup_frac}).",
                             "fix the recovery settings")

@@ -558,13 +558,18 @@ def _recover_lora_kd(job: RecoveryJob) -> RecoveryResult:
 
 def _recover_reconstruct(job: RecoveryJob) -> RecoveryResult:
     """Closed-form reconstruction of the blocks next to the gap (iterabre.reconstruct)."""
+    from iterabre.blockrecon import training_rows
     from iterabre.reconstruct import reconstruct
 
     device = torch.device(job.device)
     start, mem = time.perf_counter(), start_peak(device)
     eval_ids, eval_mask = _eval_set(job)
     before = kd_loss_on(job.student, job.teacher, eval_ids, eval_mask, job.cfg)
-    info = reconstruct(job.student, job.teacher, job.input_ids, job.attention_mask, job.cfg, list(job.removed))
+    ids, mask = job.input_ids, job.attention_mask
+    if job.cfg.reconstruct_tokens:  # the fit's statistics settle long before KD's budget is read
+        rows = training_rows(mask, job.cfg.reconstruct_tokens)
+        ids, mask = ids[rows], mask[rows]  # [n, T]
+    info = reconstruct(job.student, job.teacher, ids, mask, job.cfg, list(job.removed))
     after = kd_loss_on(job.student, job.teacher, eval_ids, eval_mask, job.cfg)
     seconds = time.perf_counter() - start
     tokens = int(getattr(info, "tokens", int(job.attention_mask.sum())))

@@ -214,6 +214,7 @@ def test_recipe_variants_change_one_knob_and_bad_ones_stop():
     assert quality.recipe("sleb-kd") == (quality.EQUAL_RECIPES["sleb-kd"], {})
     assert quality.recipe("oneshot-block-recon@calibration=self-generated")[1] == {"calibration": "self-generated"}
     assert quality.recipe("oneshot-block-recon+kd@block_recon_blocks=both")[1] == {"block_recon_blocks": "both"}
+    assert quality.recipe("angular-reconstruct+kd@reconstruct_tokens=2048")[1] == {"reconstruct_tokens": 2048}
     for bad in ("nope", "oneshot-kd@lx=1", "oneshot-kd@lr=", "oneshot-kd@calibration=books",
                 "oneshot-block-recon@block_recon_blocks=after", "oneshot-kd@calibration_tokens=many"):
         with pytest.raises(SystemExit):
@@ -237,6 +238,23 @@ def test_planned_block_recon_flops_match_what_the_flow_measures(tiny_model_dir, 
     sh = quality.shapes(s["model"], s["seq_len"])
     step = lambda w: quality.block_recon_flops(sh, s, removed, 64, 1, w) - quality.block_recon_flops(sh, s, removed, 64, 0, w)  # noqa: E731
     assert step("both") > step("before")  # an Adam step trains two blocks at a gap with a kept block after it
+
+
+def test_planned_reconstruct_kd_flops_match_what_the_flow_measures(tiny_model_dir, tmp_path, monkeypatch):
+    """reconstruct+kd fits on the first `reconstruct_tokens` recovery windows and gives KD the rest of the
+    budget: the flow's measured FLOPs (less the held-out KD checks) are the plan's, and the fit read that many."""
+    monkeypatch.setattr(quality, "evaluate_saved", lambda model, limits, s: {})
+    s = {"model": str(tiny_model_dir), "blocks": 2, "calib_tokens": 128, "seq_len": 32, "kd_batch_size": 2,
+         "equal_kd_tokens": 1024, "seed": 0, "eval": {}}
+    s["flops"] = quality.reference_flops(s)
+    removed = quality._oneshot_removal(s, {}, tmp_path, "output")
+    unit = quality.equal_unit("oneshot-reconstruct+kd@reconstruct_tokens=128", s, tmp_path, removed)
+    plan, kd = unit["plan"], quality.equal_plan("oneshot-kd", s, None)
+    assert plan["feasible"] and plan["recovery"]["reconstruct_tokens"] == 128
+    assert 0 < plan["fields"]["recovery_tokens"] < kd["fields"]["recovery_tokens"]  # the fit's cost left less KD
+    assert unit["recovery_flops"] == plan["recovery_flops"]
+    assert unit["recovery"][0]["tokens"] == plan["fields"]["recovery_tokens"]  # KD read its whole budget ...
+    assert unit["total_flops"] <= s["flops"]
 
 
 def test_a_recipes_own_calibration_size_is_planned_as_the_flow_runs_it(tiny_model_dir, tmp_path, monkeypatch):

@@ -162,6 +162,23 @@ def test_recover_dispatches_reconstruct():
     assert info["error_after"] < info["error_before"]
 
 
+def test_reconstruct_tokens_fits_on_the_first_windows_only():
+    """reconstruct_tokens=N: the fit reads the first windows reaching N tokens, so it equals a fit on just
+    those windows (bit for bit) and differs from one on all of them; 0 reads every window."""
+    from iterabre.recovery import recover
+
+    teacher = tiny_model("llama", num_layers=6)
+    ids, mask = _calibration(48)
+    fit = lambda n, i, m: recover(remove_blocks(copy.deepcopy(teacher), [3]), teacher, i, m,  # noqa: E731
+                                  RecoveryConfig(method="reconstruct", ridge=1e-3, reconstruct_tokens=n), [3])
+    part = int(mask[:2].sum())  # the first two windows' tokens
+    capped, alone, every = fit(part, ids, mask), fit(0, ids[:2], mask[:2]), fit(0, ids, mask)
+    assert capped.extra["reconstruct"]["tokens"] == alone.extra["reconstruct"]["tokens"] == part
+    assert every.extra["reconstruct"]["tokens"] == int(mask.sum()) > part
+    assert capped.extra["reconstruct"]["error_after"] == alone.extra["reconstruct"]["error_after"]
+    assert every.extra["reconstruct"]["error_after"] != alone.extra["reconstruct"]["error_after"]
+
+
 @pytest.mark.slow
 def test_reconstruct_smollm2_one_block(smollm2_dir):
     from iterabre.data import load_documents, split_windows, token_windows

@@ -253,7 +253,8 @@ def test_unknown_method_lists_names():
 
 
 @pytest.mark.parametrize("bad", [dict(trainable="some"), dict(lr_schedule="step"), dict(batch_size=0),
-                                 dict(tokens=-1), dict(lr=0.0), dict(warmup_frac=1.0)])
+                                 dict(tokens=-1), dict(lr=0.0), dict(warmup_frac=1.0),
+                                 dict(method="reconstruct", reconstruct_tokens=-1)])
 def test_bad_config_raises(bad):
     teacher, student = _pair()
     ids, mask = _data()
