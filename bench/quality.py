@@ -359,8 +359,11 @@ EQUAL_RECIPES = {  # name -> (scorer, schedule, recovery method, when KD runs: "
 VARIANT_KNOBS = {"lr": float, "block_recon_lr": float, "reconstruct_tokens": int,  # `recipe@knob=value`: a
                  #                                           RecoveryConfig knob changed
                  "block_recon_blocks": str, "calibration_tokens": int,
-                 "calibration": str}  # ... or one of JOB_KNOBS, a CompressConfig knob
+                 "calibration": str,  # ... or one of JOB_KNOBS, a CompressConfig knob
+                 "kd_share": float}  # ... or one of PLAN_KNOBS, how the plan splits the budget
 JOB_KNOBS = ("calibration", "calibration_tokens")
+PLAN_KNOBS = ("kd_share",)
+KD_SHARE = 0.5  # block-recon+kd: the share of the recovery FLOPs KD gets (block-recon the rest); @kd_share=
 
 
 def recipe(name: str) -> tuple[tuple[str, str, str, str], dict]:
@@ -385,6 +388,9 @@ def recipe(name: str) -> tuple[tuple[str, str, str, str], dict]:
         except ValueError:
             raise SystemExit(f"bad recipe variant {part!r} in {name!r}: {knob} takes a "
                              f"{VARIANT_KNOBS[knob].__name__}") from None
+    if "kd_share" in overrides and not (0 < overrides["kd_share"] < 1 and EQUAL_RECIPES[base][2] == "block-recon+kd"):
+        raise SystemExit(f"bad recipe variant in {name!r}: kd_share splits block-recon+kd's budget, so it needs a "
+                         f"block-recon+kd recipe and a value between 0 and 1 (e.g. @kd_share=0.75)")
     return EQUAL_RECIPES[base], overrides
 
 
@@ -541,8 +547,9 @@ def capture_tokens(sh: Shapes, s: dict, removed: list[int], budget: float, mb: i
 
 
 def iterative_block_recon_kd(sh: Shapes, s: dict, removed: list[int], left: float, mb: int,
-                             which: str = "before") -> tuple[int, int, int]:
-    """(KD tokens, predicted FLOPs, Adam steps per gap) of block-recon+kd after every removal, half of `left` each.
+                             which: str = "before", share: float = KD_SHARE) -> tuple[int, int, int]:
+    """(KD tokens, predicted FLOPs, Adam steps per gap) of block-recon+kd after every removal, `share` of
+    `left` for KD and the rest for block-recon.
 
     The budget is split equally over the steps (budget_schedule=equal): block-recon captures from each
     step's own recovery windows, and the increasing split would leave the first steps too few to fit
@@ -553,7 +560,7 @@ def iterative_block_recon_kd(sh: Shapes, s: dict, removed: list[int], left: floa
 
     S = s["blocks"]
     per = sum(kd_per_token(sh, sh.layers - i) for i in range(1, S + 1)) / S
-    tokens = _whole(left / 2 / per, mb)
+    tokens = _whole(left * share / per, mb)
     budgets = step_budgets(tokens, S, "equal", unit=mb)  # as the flow splits them
     kd = sum(b * kd_per_token(sh, sh.layers - i) for i, b in enumerate(budgets, 1))
     caps = [min(_rc_default("block_recon_tokens"), max(b, sh.seq_len)) for b in budgets]  # capped by the windows
@@ -583,7 +590,8 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
     generated = generation_flops(sh, s, method, job.get("calibration", "wikitext"))
     left, mb = s["flops"] - scoring - generated, s["kd_batch_size"] * s["seq_len"]
     rec = {"method": method, "batch_size": s["kd_batch_size"], "lr": common.TABLE_LR,
-           **{k: v for k, v in overrides.items() if k not in JOB_KNOBS}}
+           **{k: v for k, v in overrides.items() if k not in JOB_KNOBS + PLAN_KNOBS}}
+    share = overrides.get("kd_share", KD_SHARE)
     tokens, spent = 0, 0
     fields = {"scorer": scorer, "schedule": schedule, "budget_schedule": "increasing", **job}
     if method == "kd" and schedule == "iterative" and when == "steps":  # step i of S gets i / (S(S+1)/2)
@@ -613,10 +621,10 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
         rec["reconstruct_tokens"] = min(fit, tokens)  # the fit cannot read windows KD does not have
         spent = reconstruct_flops(sh, removed, rec["reconstruct_tokens"]) + tokens * kd_per_token(sh, Ls)
     elif method == "block-recon+kd" and schedule == "iterative":  # after every removal: its gap, then KD
-        tokens, spent, rec["block_recon_steps"] = iterative_block_recon_kd(sh, s, removed, left, mb, which)
+        tokens, spent, rec["block_recon_steps"] = iterative_block_recon_kd(sh, s, removed, left, mb, which, share)
         fields.update(budget_schedule="equal")  # every step gets windows to capture from (see the function)
-    elif method == "block-recon+kd":  # half the recovery FLOPs each; block-recon captures from the KD windows
-        tokens = _whole(left / 2 / kd_per_token(sh, Ls), mb)
+    elif method == "block-recon+kd":  # `share` of the recovery FLOPs for KD; block-recon captures from its windows
+        tokens = _whole(left * share / kd_per_token(sh, Ls), mb)
         rec["block_recon_tokens"] = min(capture_tokens(sh, s, removed, left - tokens * kd_per_token(sh, Ls), mb, which),
                                         tokens)
         fixed = block_recon_flops(sh, s, removed, rec["block_recon_tokens"], 0, which)

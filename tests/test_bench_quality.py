@@ -215,7 +215,9 @@ def test_recipe_variants_change_one_knob_and_bad_ones_stop():
     assert quality.recipe("oneshot-block-recon@calibration=self-generated")[1] == {"calibration": "self-generated"}
     assert quality.recipe("oneshot-block-recon+kd@block_recon_blocks=both")[1] == {"block_recon_blocks": "both"}
     assert quality.recipe("angular-reconstruct+kd@reconstruct_tokens=2048")[1] == {"reconstruct_tokens": 2048}
-    for bad in ("nope", "oneshot-kd@lx=1", "oneshot-kd@lr=", "oneshot-kd@calibration=books",
+    assert quality.recipe("oneshot-block-recon+kd@kd_share=0.75")[1] == {"kd_share": 0.75}
+    for bad in ("oneshot-kd@kd_share=0.5", "oneshot-block-recon+kd@kd_share=1", "oneshot-block-recon+kd@kd_share=0",
+                "nope", "oneshot-kd@lx=1", "oneshot-kd@lr=", "oneshot-kd@calibration=books",
                 "oneshot-block-recon@block_recon_blocks=after", "oneshot-kd@calibration_tokens=many"):
         with pytest.raises(SystemExit):
             quality.recipe(bad)
@@ -291,6 +293,10 @@ def test_every_recipe_is_planned_within_the_budget_self_generated_text_included(
         spent = plan["generation"] + plan["scoring"] + plan["recovery_flops"]
         if plan["feasible"]:
             assert 0.9 * s["flops"] < spent <= s["flops"], name
+    more = quality.equal_plan("oneshot-block-recon+kd@kd_share=0.75", s, removed)  # KD gets 3/4 of what is left
+    assert 0.9 * s["flops"] < more["scoring"] + more["recovery_flops"] <= s["flops"] and "kd_share" not in more["recovery"]
+    assert more["fields"]["recovery_tokens"] > plans["oneshot-block-recon+kd"]["fields"]["recovery_tokens"] * 1.4
+    assert more["recovery"]["block_recon_steps"] < plans["oneshot-block-recon+kd"]["recovery"]["block_recon_steps"]
     own, wiki = plans["oneshot-block-recon+kd@calibration=self-generated"], plans["oneshot-block-recon+kd"]
     sh = quality.shapes("smollm2-135m", 128)
     assert own["fields"]["calibration"] == "self-generated" and "calibration" not in own["recovery"]
