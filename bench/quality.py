@@ -513,8 +513,9 @@ def _rc_default(name: str):
     return getattr(RecoveryConfig(), name)
 
 
-def generation_flops(sh: Shapes, s: dict, method: str, calibration: str) -> int:
-    """Sampling the self-generated text (scoring windows, then block-recon's `block_recon_tokens`): one
+def generation_flops(sh: Shapes, s: dict, method: str, calibration: str, **recovery) -> int:
+    """Sampling the self-generated text (scoring windows, then block-recon's `block_recon_tokens` or
+    reconstruct's `reconstruct_tokens`, RecoveryConfig knobs in `recovery`): one
     forward of the base model per token. An upper bound: with a KV cache iterabre.flops counts each
     step's attention at T=1, this at T=seq_len (~2 % of a SmolLM2 forward)."""
     from iterabre.config import CompressConfig, RecoveryConfig
@@ -522,7 +523,7 @@ def generation_flops(sh: Shapes, s: dict, method: str, calibration: str) -> int:
 
     if calibration != "self-generated":
         return 0
-    cfg = CompressConfig(calibration=calibration, seq_len=s["seq_len"], recovery=RecoveryConfig(method=method))
+    cfg = CompressConfig(calibration=calibration, seq_len=s["seq_len"], recovery=RecoveryConfig(method=method, **recovery))
     windows = -(-s["calib_tokens"] // s["seq_len"]) + recon_windows(cfg)  # as steps.prepare_data generates
     return windows * s["seq_len"] * sh.model(sh.layers)
 
@@ -587,7 +588,8 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
     s = recipe_settings(s, name)  # a recipe's own calibration size scores, and sizes the held-out set
     which = overrides.get("block_recon_blocks", _rc_default("block_recon_blocks"))
     scoring, Ls = scoring_flops(sh, s, scorer, schedule), sh.layers - s["blocks"]
-    generated = generation_flops(sh, s, method, job.get("calibration", "wikitext"))
+    fit = overrides.get("reconstruct_tokens", _rc_default("block_recon_tokens"))  # reconstruct+kd: block-recon's size
+    generated = generation_flops(sh, s, method, job.get("calibration", "wikitext"), reconstruct_tokens=fit)
     left, mb = s["flops"] - scoring - generated, s["kd_batch_size"] * s["seq_len"]
     rec = {"method": method, "batch_size": s["kd_batch_size"], "lr": common.TABLE_LR,
            **{k: v for k, v in overrides.items() if k not in JOB_KNOBS + PLAN_KNOBS}}
@@ -616,9 +618,9 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
         rec["block_recon_steps"] = max(0, int((left - fixed) // per_step))
         spent = block_recon_flops(sh, s, removed, tokens, rec["block_recon_steps"], which)
     elif method == "reconstruct+kd":  # the fit reads the first `reconstruct_tokens` KD windows, KD the rest
-        fit = rec.setdefault("reconstruct_tokens", _whole(_rc_default("block_recon_tokens"), mb))  # block-recon's size
         tokens = _whole((left - reconstruct_flops(sh, removed, fit)) / kd_per_token(sh, Ls), mb)
-        rec["reconstruct_tokens"] = min(fit, tokens)  # the fit cannot read windows KD does not have
+        rec["reconstruct_tokens"] = min(fit, tokens)  # the fit cannot read windows KD does not have (nor, to keep
+        #                                               plans alike, more self-generated text than that)
         spent = reconstruct_flops(sh, removed, rec["reconstruct_tokens"]) + tokens * kd_per_token(sh, Ls)
     elif method == "block-recon+kd" and schedule == "iterative":  # after every removal: its gap, then KD
         tokens, spent, rec["block_recon_steps"] = iterative_block_recon_kd(sh, s, removed, left, mb, which, share)

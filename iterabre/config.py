@@ -99,7 +99,7 @@ class CompressConfig:
                                      "docs/BENCHMARKS.md §5) | iterative (IteRABRe).", SCHEDULES)
     blocks_per_step: int = knob(1, "Blocks removed per iteration (iterative schedule).")
     teacher: str = knob("base", "Whom the student distils from: base | previous.", TEACHERS)
-    calibration: str = knob("wikitext", "Text that scores blocks and that block-recon reconstructs on: wikitext | "
+    calibration: str = knob("wikitext", "Text that scores blocks and that block-recon / reconstruct fit on: wikitext | "
                                         "self-generated (sampled from the base model; KD trains on wikitext).",
                            CALIBRATIONS)
     calibration_tokens: int = knob(2048, "Tokens used to score blocks.")
@@ -296,6 +296,10 @@ def validate(cfg: CompressConfig) -> None:
     _check_budget(cfg)
     _check_sizes(cfg)
     check_recovery(cfg.recovery)
+    if cfg.calibration == "self-generated" and cfg.recovery.method.startswith("reconstruct") \
+            and not cfg.recovery.reconstruct_tokens:
+        raise IterabreError("calibration=self-generated with recovery reconstruct needs reconstruct_tokens > 0: "
+                            "how many tokens to generate for the fit.", "pass e.g. --reconstruct-tokens 4096")
     _check_processes(cfg, resolve_device(cfg.device))
     check_local_model(cfg.model, cfg.allow_pickle)  # a broken model folder fails now, not minutes later
     require_dir_or_absent(cfg.output, "--output", "pass a folder path (a new one, or an earlier job's output)")

@@ -87,10 +87,10 @@ class RecoveryJob:
     heldout_ids: torch.Tensor | None = None
     heldout_mask: torch.Tensor | None = None
     dist: Single = SINGLE  # this process's place among the processes that train together
-    recon_ids: torch.Tensor | None = None  # [M,T] block-recon's own text (self-generated); None: input_ids
+    recon_ids: torch.Tensor | None = None  # [M,T] block-recon's / reconstruct's own text (self-generated); None: input_ids
 
     def recon_text(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, mask) block-recon captures from: its own text if given, else the recovery windows."""
+        """(ids, mask) block-recon and reconstruct fit on: their own text if given, else the recovery windows."""
         if self.recon_ids is None:
             return self.input_ids, self.attention_mask
         return self.recon_ids, torch.ones_like(self.recon_ids)  # generated windows: every position is real
@@ -565,7 +565,7 @@ def _recover_reconstruct(job: RecoveryJob) -> RecoveryResult:
     start, mem = time.perf_counter(), start_peak(device)
     eval_ids, eval_mask = _eval_set(job)
     before = kd_loss_on(job.student, job.teacher, eval_ids, eval_mask, job.cfg)
-    ids, mask = job.input_ids, job.attention_mask
+    ids, mask = job.recon_text()  # the recovery windows, or the self-generated text
     if job.cfg.reconstruct_tokens:  # the fit's statistics settle long before KD's budget is read
         rows = training_rows(mask, job.cfg.reconstruct_tokens)
         ids, mask = ids[rows], mask[rows]  # [n, T]
@@ -668,13 +668,13 @@ def recover(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, att
 
     `dist`: this process's place when several train together (iterabre.distributed); then only
     rank 0's `student` is sure to hold the result (under FSDP the others keep their old weights).
-    `recon_ids` [M,T]: the text block-recon reconstructs on (self-generated calibration); KD always
-    trains on `input_ids`.
+    `recon_ids` [M,T]: the text block-recon and reconstruct fit on (self-generated calibration); KD
+    always trains on `input_ids`.
     """
     check_recovery(cfg)
     _check_data(input_ids, attention_mask, "recovery")
     if recon_ids is not None:
-        _check_data(recon_ids, recon_ids, "block-recon")
+        _check_data(recon_ids, recon_ids, "reconstruction")
     if heldout_ids is not None:
         _check_data(heldout_ids, heldout_mask if heldout_mask is not None else heldout_ids, "held-out")
     _prepare_models(student, teacher, device)

@@ -302,6 +302,9 @@ def test_every_recipe_is_planned_within_the_budget_self_generated_text_included(
     assert own["fields"]["calibration"] == "self-generated" and "calibration" not in own["recovery"]
     assert own["generation"] == (8 + 32) * 128 * sh.model(30) and wiki["generation"] == 0
     assert own["fields"]["recovery_tokens"] < wiki["fields"]["recovery_tokens"]  # fewer KD tokens left
+    lsq = quality.equal_plan("oneshot-reconstruct+kd@calibration=self-generated", s, removed)
+    assert lsq["generation"] == own["generation"] and lsq["recovery"]["reconstruct_tokens"] == 4096
+    assert lsq["fields"]["recovery_tokens"] < plans["oneshot-reconstruct+kd"]["fields"]["recovery_tokens"]
 
 
 def test_iterative_block_recon_kd_repairs_each_gap_within_the_budget(tiny_model_dir, tmp_path, monkeypatch):

@@ -86,6 +86,8 @@ def test_valid_config_passes():
     dict(calibration_tokens=16),  # fewer than one window
     dict(recovery=RecoveryConfig(method="magic")),
     dict(recovery=RecoveryConfig(lr=0.0)),
+    dict(recovery=RecoveryConfig(method="reconstruct", reconstruct_tokens=-1)),
+    dict(calibration="self-generated", recovery=RecoveryConfig(method="reconstruct+kd")),  # how much to generate?
     dict(device="tpu"),
     dict(eval_limit=0.0),
 ])

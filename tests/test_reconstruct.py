@@ -179,6 +179,22 @@ def test_reconstruct_tokens_fits_on_the_first_windows_only():
     assert every.extra["reconstruct"]["error_after"] != alone.extra["reconstruct"]["error_after"]
 
 
+def test_reconstruct_fits_on_its_own_text_when_given():
+    """recon_ids (self-generated text): the least-squares fit reads it, capped by reconstruct_tokens, and
+    not the recovery windows, which KD alone trains on."""
+    from iterabre.recovery import recover
+
+    teacher = tiny_model("llama", num_layers=6)
+    ids, mask = _calibration(48)
+    own, _ = _calibration(8, seed=1)
+    fit = lambda i, m, recon=None, n=0: recover(  # noqa: E731
+        remove_blocks(copy.deepcopy(teacher), [3]), teacher, i, m,
+        RecoveryConfig(method="reconstruct", ridge=1e-3, reconstruct_tokens=n), [3], recon_ids=recon)
+    given, alone, capped = fit(ids, mask, own), fit(own, torch.ones_like(own)), fit(ids, mask, own, n=64)
+    assert given.extra["reconstruct"]["tokens"] == own.numel() and capped.extra["reconstruct"]["tokens"] == 64
+    assert given.extra["reconstruct"]["error_after"] == alone.extra["reconstruct"]["error_after"]
+
+
 @pytest.mark.slow
 def test_reconstruct_smollm2_one_block(smollm2_dir):
     from iterabre.data import load_documents, split_windows, token_windows

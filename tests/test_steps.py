@@ -128,15 +128,17 @@ def test_self_generated_calibration_replaces_calib_only(tiny_model_dir, tmp_path
     assert steps.data_meta(steps.prepare_data(_cfg(), tiny_model_dir, tmp_path / "w2", [32]))["generation_flops"] == 0
 
 
-def test_self_generated_text_for_block_recon_follows_the_calibration(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, knob, key", [("block-recon+kd", "block_recon_tokens", "block_recon"),
+                                               ("reconstruct+kd", "reconstruct_tokens", "reconstruct")])
+def test_self_generated_text_for_the_fit_follows_the_calibration(tiny_model_dir, tmp_path, monkeypatch,
+                                                                  method, knob, key):
     _fake_generation(monkeypatch)
-    cfg = _cfg(calibration="self-generated", calibration_tokens=64,
-               recovery=RecoveryConfig(method="block-recon+kd", block_recon_tokens=70))
+    cfg = _cfg(calibration="self-generated", calibration_tokens=64, recovery=RecoveryConfig(method=method, **{knob: 70}))
     data = steps.load_data(steps.prepare_data(cfg, tiny_model_dir, tmp_path, [32]))
-    # one generation of 2 + ceil(70 / 32) windows: calibration first, then block-recon's, so they differ
+    # one generation of 2 + ceil(70 / 32) windows: calibration first, then the fit's, so they differ
     assert torch.equal(data["calib"], torch.arange(64).view(2, 32))
     assert torch.equal(data["recon"], torch.arange(64, 160).view(3, 32))
-    assert data["meta"]["split"]["block_recon"]["windows"] == 3 and data["meta"]["split"]["block_recon"]["tokens"] == 96
+    assert data["meta"]["split"][key]["windows"] == 3 and data["meta"]["split"][key]["tokens"] == 96
 
 
 def test_score_prune_recover_evaluate_chain(tiny_model_dir, tmp_path):
