@@ -223,15 +223,21 @@ def test_recipe_variants_change_one_knob_and_bad_ones_stop():
             quality.recipe(bad)
 
 
+def _tiny_equal(model_dir, tmp_path, monkeypatch) -> tuple[dict, list[int]]:
+    """Equal-compute settings on the tiny model (2 of its blocks, 1,024 KD tokens' budget, evaluation
+    stubbed) and its one-shot output removal."""
+    monkeypatch.setattr(quality, "evaluate_saved", lambda model, limits, s: {})
+    s = {"model": str(model_dir), "blocks": 2, "calib_tokens": 128, "seq_len": 32, "kd_batch_size": 2,
+         "equal_kd_tokens": 1024, "seed": 0, "eval": {}}
+    s["flops"] = quality.reference_flops(s)
+    return s, quality._oneshot_removal(s, {}, tmp_path, "output")
+
+
 @pytest.mark.parametrize("which", ["before", "both"])
 def test_planned_block_recon_flops_match_what_the_flow_measures(tiny_model_dir, tmp_path, monkeypatch, which):
     """`@block_recon_blocks=both` trains the blocks on both sides of each gap: the plan counts them, and the
     flow's measured FLOPs (less the report-only held-out KD checks) are what the plan predicted."""
-    monkeypatch.setattr(quality, "evaluate_saved", lambda model, limits, s: {})
-    s = {"model": str(tiny_model_dir), "blocks": 2, "calib_tokens": 128, "seq_len": 32, "kd_batch_size": 2,
-         "equal_kd_tokens": 1024, "seed": 0, "eval": {}}
-    s["flops"] = quality.reference_flops(s)
-    removed = quality._oneshot_removal(s, {}, tmp_path, "output")
+    s, removed = _tiny_equal(tiny_model_dir, tmp_path, monkeypatch)
     unit = quality.equal_unit(f"oneshot-block-recon@block_recon_blocks={which}", s, tmp_path, removed)
     plan = unit["plan"]
     assert plan["feasible"] and plan["recovery"]["block_recon_blocks"] == which
@@ -245,11 +251,7 @@ def test_planned_block_recon_flops_match_what_the_flow_measures(tiny_model_dir, 
 def test_planned_reconstruct_kd_flops_match_what_the_flow_measures(tiny_model_dir, tmp_path, monkeypatch):
     """reconstruct+kd fits on the first `reconstruct_tokens` recovery windows and gives KD the rest of the
     budget: the flow's measured FLOPs (less the held-out KD checks) are the plan's, and the fit read that many."""
-    monkeypatch.setattr(quality, "evaluate_saved", lambda model, limits, s: {})
-    s = {"model": str(tiny_model_dir), "blocks": 2, "calib_tokens": 128, "seq_len": 32, "kd_batch_size": 2,
-         "equal_kd_tokens": 1024, "seed": 0, "eval": {}}
-    s["flops"] = quality.reference_flops(s)
-    removed = quality._oneshot_removal(s, {}, tmp_path, "output")
+    s, removed = _tiny_equal(tiny_model_dir, tmp_path, monkeypatch)
     unit = quality.equal_unit("oneshot-reconstruct+kd@reconstruct_tokens=128", s, tmp_path, removed)
     plan, kd = unit["plan"], quality.equal_plan("oneshot-kd", s, None)
     assert plan["feasible"] and plan["recovery"]["reconstruct_tokens"] == 128
@@ -311,11 +313,7 @@ def test_iterative_block_recon_kd_repairs_each_gap_within_the_budget(tiny_model_
     """The iterative recipe with the default's repair runs block-recon, then KD, after every removal, on
     an equal split; what the flow measured stays within the planned budget (its gaps are predicted from
     the one-shot removal, in the full-depth model) and spends most of it."""
-    monkeypatch.setattr(quality, "evaluate_saved", lambda model, limits, s: {})
-    s = {"model": str(tiny_model_dir), "blocks": 2, "calib_tokens": 128, "seq_len": 32, "kd_batch_size": 2,
-         "equal_kd_tokens": 1024, "seed": 0, "eval": {}}
-    s["flops"] = quality.reference_flops(s)
-    removed = quality._oneshot_removal(s, {}, tmp_path, "output")
+    s, removed = _tiny_equal(tiny_model_dir, tmp_path, monkeypatch)
     unit = quality.equal_unit("iterative-block-recon+kd", s, tmp_path, removed)
     plan = unit["plan"]
     assert plan["feasible"] and plan["fields"]["schedule"] == "iterative"
@@ -343,11 +341,12 @@ def test_depth_table_bolds_the_lowest_perplexity_and_names_what_did_not_run():
     ref, short, ang = quality.DEFAULT_RECIPE, "shortgpt-kd@lr=2e-4", "angular-kd@lr=2e-4"
     six = [_seed_file(k, {ref: 48.0 + k, short: 49.0, ang: 47.0, "iterabre": 60.0},
                       {ref: 0.71, short: 0.70, ang: 0.73, "iterabre": 0.68}) for k in (0, 1)]
-    ten = [_seed_file(0, {ref: 70.0, ang: 100.0}, {ref: 0.67, ang: 0.66})]
+    lsq = "angular-reconstruct+kd@lr=2e-4"
+    ten = [_seed_file(0, {ref: 70.0, ang: 100.0, lsq: 90.0}, {ref: 0.67, ang: 0.66, lsq: 0.6})]
     lines = render.equal_depths([six, ten]).splitlines()
     assert lines[2] == "| 6 of 30 (2 seeds) | 48.5 ± 0.7 / 0.710 | 49.0 ± 0.0 / 0.700 | **47.0 ± 0.0 / 0.730** | " \
-                       "60.0 ± 0.0 / 0.680 |"
-    assert lines[3] == "| 6 of 30 (1 seed) | **70.0 / 0.670** | not run | 100.0 / 0.660 | not run |"
+                       "60.0 ± 0.0 / 0.680 | not run |"
+    assert lines[3] == "| 6 of 30 (1 seed) | **70.0 / 0.670** | not run | 100.0 / 0.660 | not run | 90.0 / 0.600 |"
 
 
 def test_equal_seeds_table_states_whether_the_default_beats_each_baseline():
