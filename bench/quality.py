@@ -356,8 +356,8 @@ EQUAL_RECIPES = {  # name -> (scorer, schedule, recovery method, when KD runs: "
     "angular-reconstruct+kd": ("angular", "one-shot", "reconstruct+kd", "steps"),  # that run, least squares, then KD
     "sleb-kd": ("perplexity", "iterative", "kd", "end"),  # SLEB: re-scored after each removal, KD once at the end
 }
-VARIANT_KNOBS = {"lr": float, "block_recon_lr": float, "reconstruct_tokens": int,  # `recipe@knob=value`: a
-                 #                                           RecoveryConfig knob changed
+# `recipe@knob=value`: a RecoveryConfig knob changed ...
+VARIANT_KNOBS = {"lr": float, "block_recon_lr": float, "reconstruct_tokens": int,
                  "block_recon_blocks": str, "calibration_tokens": int,
                  "calibration": str,  # ... or one of JOB_KNOBS, a CompressConfig knob
                  "kd_share": float}  # ... or one of PLAN_KNOBS, how the plan splits the budget

@@ -572,7 +572,7 @@ def _recover_reconstruct(job: RecoveryJob) -> RecoveryResult:
     info = reconstruct(job.student, job.teacher, ids, mask, job.cfg, list(job.removed))
     after = kd_loss_on(job.student, job.teacher, eval_ids, eval_mask, job.cfg)
     seconds = time.perf_counter() - start
-    tokens = int(getattr(info, "tokens", int(job.attention_mask.sum())))
+    tokens = info.tokens  # what the fit read, not what KD will
     return RecoveryResult(method="reconstruct", trainable="reconstruct", loss_before=before, loss_after=after,
                           tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds if seconds else 0.0,
                           peak_mem_mb=peak_mb(device, mem), extra={"reconstruct": dataclasses.asdict(info)})
