@@ -31,6 +31,26 @@ from iterabre.tiny import FAMILY_CONFIGS, byte_tokenizer, tiny_model  # noqa: E4
 ALL_FAMILIES = list(FAMILY_CONFIGS)
 
 
+def padded_calib(n: int = 3, t: int = 12, seed: int = 0):
+    """Right-padded calibration batch (ids, mask) [n, t]: rows 1 and 2 end with padding (token 259, mask 0)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (n, t), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:], mask[2, 5:] = 0, 0
+    return ids.masked_fill(mask == 0, 259), mask
+
+
+def assert_scores_close(got: dict, want: dict, atol: float = 1e-5) -> None:
+    """Same blocks in the same order, every score finite and within atol of the reference."""
+    import math
+
+    assert list(got) == list(want)
+    for k in want:
+        assert math.isfinite(got[k]) and abs(got[k] - want[k]) <= atol, (k, got[k], want[k])
+
+
 @pytest.fixture(scope="session")
 def session_tmp() -> Path:
     return _SESSION_TMP

@@ -2,7 +2,6 @@
 
 import copy
 import logging
-import math
 
 import pytest
 import torch
@@ -12,33 +11,19 @@ from iterabre.errors import IterabreError
 from iterabre.scorers import SCORERS, lowest_blocks, naive_scores, score_blocks
 from iterabre.surgery import original_indices, remove_blocks
 from iterabre.tiny import FAMILY_CONFIGS, tiny_model
+from conftest import assert_scores_close, padded_calib
 
 ALL_FAMILIES = list(FAMILY_CONFIGS)
-
-
-def _calib(n: int = 3, t: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded batch: rows 1 and 2 end with padding (token 259, mask 0)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 256, (n, t), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 8:], mask[2, 5:] = 0, 0
-    return ids.masked_fill(mask == 0, 259), mask
-
-
-def _assert_same(fast: dict, naive: dict, atol: float = 1e-4) -> None:
-    assert list(fast) == list(naive)
-    for k in naive:
-        assert math.isfinite(fast[k]) and abs(fast[k] - naive[k]) <= atol, (k, fast[k], naive[k])
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_fast_equals_naive_for_every_scorer(family, caplog):
     model = tiny_model(family, num_layers=6)
-    ids, mask = _calib()
+    ids, mask = padded_calib()
     with caplog.at_level(logging.WARNING, logger="iterabre.scorers"):
         for name in SCORERS:
             fast = score_blocks(model, ids, mask, scorer=name, batch_size=2)
-            _assert_same(fast, naive_scores(model, ids, mask, scorer=name, batch_size=2))
+            assert_scores_close(fast, naive_scores(model, ids, mask, scorer=name, batch_size=2), atol=1e-4)
             assert sorted(fast) == list(range(6))
     assert not caplog.records, "the fast path fell back to naive scoring"
 
@@ -46,17 +31,17 @@ def test_fast_equals_naive_for_every_scorer(family, caplog):
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_fast_equals_naive_for_runs_after_removal(family):
     model = remove_blocks(tiny_model(family, num_layers=6), [1])
-    ids, mask = _calib()
+    ids, mask = padded_calib()
     for name in SCORERS:
         fast = score_blocks(model, ids, mask, scorer=name, n=2, batch_size=2)
-        _assert_same(fast, naive_scores(model, ids, mask, scorer=name, n=2, batch_size=2))
+        assert_scores_close(fast, naive_scores(model, ids, mask, scorer=name, n=2, batch_size=2), atol=1e-4)
         # 5 blocks left, runs of 2: starts at positions 0..3, keyed by original index.
         assert list(fast) == [0, 2, 3, 4] and fast.order == [0, 2, 3, 4, 5]
 
 
 def test_output_score_matches_real_removal():
     model = tiny_model("qwen2", num_layers=5)
-    ids, mask = _calib()
+    ids, mask = padded_calib()
     scores = score_blocks(model, ids, mask, scorer="output")
     with torch.no_grad():
         full = model.model(ids, attention_mask=mask).last_hidden_state
@@ -80,12 +65,12 @@ def test_perplexity_score_is_log_ppl_without_the_block():
 
 def test_padding_is_excluded_and_batching_does_not_matter():
     model = tiny_model("mistral", num_layers=4)
-    ids, mask = _calib()
+    ids, mask = padded_calib()
     repadded = ids.masked_fill(mask == 0, 7)  # other tokens under the padding
     for name in ("output", "block-influence", "perplexity"):
         base = score_blocks(model, ids, mask, scorer=name, batch_size=3)
-        _assert_same(score_blocks(model, repadded, mask, scorer=name, batch_size=3), base, atol=1e-6)
-        _assert_same(score_blocks(model, ids, mask, scorer=name, batch_size=1), base, atol=1e-5)
+        assert_scores_close(score_blocks(model, repadded, mask, scorer=name, batch_size=3), base, atol=1e-6)
+        assert_scores_close(score_blocks(model, ids, mask, scorer=name, batch_size=1), base, atol=1e-5)
     # Without the mask the padded positions count, and the scores move.
     unmasked = score_blocks(model, repadded, torch.ones_like(mask), scorer="output")
     assert max(abs(unmasked[k] - base[k]) for k in base) > 1e-4
@@ -96,16 +81,16 @@ def test_fallback_to_naive_when_replay_cannot_reproduce(caplog):
     # An extra transformation after the final norm that the fast path does not know about.
     model.model.register_forward_hook(
         lambda mod, args, out: out.__class__(last_hidden_state=out.last_hidden_state.flip(-1)))
-    ids, mask = _calib()
+    ids, mask = padded_calib()
     with caplog.at_level(logging.WARNING, logger="iterabre.scorers"):
         fast = score_blocks(model, ids, mask, scorer="output")
     assert "using naive scoring" in caplog.text and "final norm" in caplog.text
-    _assert_same(fast, naive_scores(model, ids, mask, scorer="output"), atol=1e-6)
+    assert_scores_close(fast, naive_scores(model, ids, mask, scorer="output"), atol=1e-6)
 
 
 def test_progress_is_reported_and_mode_restored():
     model = tiny_model("llama", num_layers=4).train()
-    ids, mask = _calib()
+    ids, mask = padded_calib()
     calls = []
     record = lambda done, total: calls.append((done, total))  # noqa: E731
     score_blocks(model, ids, mask, scorer="output", batch_size=2, progress=record)
@@ -118,7 +103,7 @@ def test_progress_is_reported_and_mode_restored():
 
 def test_bad_inputs_raise_with_fix():
     model = tiny_model("llama", num_layers=4)
-    ids, mask = _calib()
+    ids, mask = padded_calib()
     with pytest.raises(IterabreError, match="output, block-influence, angular, perplexity"):
         score_blocks(model, ids, mask, scorer="nope")
     with pytest.raises(IterabreError, match="n=4"):
@@ -139,7 +124,7 @@ def test_lowest_blocks_ranks_with_deterministic_ties():
 
 def test_lowest_blocks_contiguous_follows_remaining_order():
     model = remove_blocks(tiny_model("llama", num_layers=6), [2])  # remaining: 0 1 3 4 5
-    ids, mask = _calib()
+    ids, mask = padded_calib()
     scores = score_blocks(model, ids, mask, scorer="angular", n=2)
     start = min(scores, key=lambda i: (scores[i], i))
     order = original_indices(model)
@@ -160,7 +145,7 @@ def test_smollm2_fast_equals_naive_and_pruned_reload_generates(smollm2_dir, tmp_
     ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     fast = score_blocks(model, ids, mask, scorer="output", batch_size=2)
-    _assert_same(fast, naive_scores(model, ids, mask, scorer="output", batch_size=2))
+    assert_scores_close(fast, naive_scores(model, ids, mask, scorer="output", batch_size=2), atol=1e-4)
 
     remove_blocks(model, [15])
     model.save_pretrained(tmp_path)

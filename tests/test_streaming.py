@@ -2,7 +2,6 @@
 
 import json
 import logging
-import math
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from iterabre.errors import IterabreError
 from iterabre.scorers import SCORERS, naive_scores, score_blocks, streamed_scores
 from iterabre.surgery import decoder_blocks, remove_blocks
 from iterabre.tiny import FAMILY_CONFIGS, tiny_model
+from conftest import assert_scores_close, padded_calib
 
 # MoE families are not in iterabre.tiny: two small ones here (transformers 5 fuses their
 # per-expert checkpoint tensors on load, which the streamed loader must do too).
@@ -44,33 +44,18 @@ def _model(family: str, num_layers: int = 6):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def _calib(n: int = 3, t: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded batch: rows 1 and 2 end with padding (token 259, mask 0)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 256, (n, t), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 8:], mask[2, 5:] = 0, 0
-    return ids.masked_fill(mask == 0, 259), mask
-
-
-def _assert_same(got: dict, want: dict, atol: float = 1e-5) -> None:
-    assert list(got) == list(want)
-    for k in want:
-        assert math.isfinite(got[k]) and abs(got[k] - want[k]) <= atol, (k, got[k], want[k])
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_streamed_equals_naive_for_every_scorer(family, tmp_path, caplog):
     model = _model(family)
     model.save_pretrained(tmp_path)
-    ids, mask = _calib()
+    ids, mask = padded_calib()
     with caplog.at_level(logging.WARNING, logger="iterabre.scorers"):
         for name in SCORERS:
             naive = naive_scores(model, ids, mask, scorer=name, batch_size=2)
             # From the folder, every candidate of a batch in one block call (batches of 2 and 1 rows).
-            _assert_same(streamed_scores(tmp_path, ids, mask, scorer=name, batch_size=2, device="cpu"), naive)
+            assert_scores_close(streamed_scores(tmp_path, ids, mask, scorer=name, batch_size=2, device="cpu"), naive)
             if SCORERS[name].kind == "resume":  # from memory, one candidate per block call
-                _assert_same(streamed_scores(model, ids, mask, scorer=name, batch_size=3, device="cpu",
+                assert_scores_close(streamed_scores(model, ids, mask, scorer=name, batch_size=3, device="cpu",
                                              call_budget=1), naive)
     assert not caplog.records, "streamed scoring fell back to the whole model"
 
@@ -79,10 +64,10 @@ def test_streamed_equals_naive_for_every_scorer(family, tmp_path, caplog):
 def test_streamed_runs_of_blocks_after_removal(family, tmp_path):
     model = remove_blocks(_model(family), [1])
     model.save_pretrained(tmp_path)
-    ids, mask = _calib()
+    ids, mask = padded_calib()
     for name in SCORERS:
         got = streamed_scores(tmp_path, ids, mask, scorer=name, n=2, batch_size=2, device="cpu")
-        _assert_same(got, naive_scores(model, ids, mask, scorer=name, n=2, batch_size=2))
+        assert_scores_close(got, naive_scores(model, ids, mask, scorer=name, n=2, batch_size=2))
         # 5 blocks left, runs of 2: starts at positions 0..3, keyed by original index.
         assert list(got) == [0, 2, 3, 4] and got.order == [0, 2, 3, 4, 5]
 
@@ -95,19 +80,19 @@ def test_checkpoint_names_with_and_without_the_base_prefix(conversions, tmp_path
         monkeypatch.setattr(streaming, "conversion_mapping", lambda model: None)
     model = _model("gpt2")
     model.save_pretrained(tmp_path)
-    ids, mask = _calib()
+    ids, mask = padded_calib()
     want = naive_scores(model, ids, mask, scorer="perplexity", batch_size=2)
-    _assert_same(streamed_scores(tmp_path, ids, mask, scorer="perplexity", batch_size=2, device="cpu"), want)
+    assert_scores_close(streamed_scores(tmp_path, ids, mask, scorer="perplexity", batch_size=2, device="cpu"), want)
     tensors = load_file(tmp_path / "model.safetensors")
     save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, tmp_path / "model.safetensors",
               metadata={"format": "pt"})
-    _assert_same(streamed_scores(tmp_path, ids, mask, scorer="perplexity", batch_size=2, device="cpu"), want)
+    assert_scores_close(streamed_scores(tmp_path, ids, mask, scorer="perplexity", batch_size=2, device="cpu"), want)
 
 
 def test_each_block_is_read_once_and_alone_on_the_device(tmp_path, monkeypatch):
     model = _model("qwen2")
     model.save_pretrained(tmp_path)
-    ids, mask = _calib(n=5)
+    ids, mask = padded_calib(n=5)
     loads, original = [], streaming.FolderSource.load
 
     def spy(self, j):
@@ -128,14 +113,14 @@ def test_each_block_is_read_once_and_alone_on_the_device(tmp_path, monkeypatch):
 def test_streams_too_big_for_memory_are_walked_in_groups(tmp_path, monkeypatch):
     model = _model("llama")
     model.save_pretrained(tmp_path)
-    ids, mask = _calib(n=5)
+    ids, mask = padded_calib(n=5)
     want = naive_scores(model, ids, mask, scorer="output", batch_size=2)
     # Room for the streams of about one batch: 3 batches -> 3 passes over the weights.
     row = 7 * 12 * 32 * 4  # (L + 1) streams x T x d x float32
     monkeypatch.setattr(streaming, "_free_bytes", lambda device: int(2 * row / streaming.CPU_STREAM_SHARE))
     loads, original = [], streaming.FolderSource.load
     monkeypatch.setattr(streaming.FolderSource, "load", lambda self, j: loads.append(j) or original(self, j))
-    _assert_same(streamed_scores(tmp_path, ids, mask, scorer="output", batch_size=2, device="cpu"), want)
+    assert_scores_close(streamed_scores(tmp_path, ids, mask, scorer="output", batch_size=2, device="cpu"), want)
     assert loads == list(range(6)) * 3
 
 
@@ -159,7 +144,7 @@ def test_streams_go_to_the_device_when_they_fit_else_to_cpu_memory(monkeypatch):
 def test_in_memory_model_is_left_as_it_was():
     model = _model("llama").train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ids, mask = _calib()
+    ids, mask = padded_calib()
     streamed_scores(model, ids, mask, scorer="perplexity", batch_size=2, device="cpu")
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -171,15 +156,15 @@ def test_streamed_falls_back_to_the_whole_model_when_replay_cannot_work(caplog):
     # An extra transformation after the final norm that block replay does not know about.
     model.model.register_forward_hook(
         lambda mod, args, out: out.__class__(last_hidden_state=out.last_hidden_state.flip(-1)))
-    ids, mask = _calib()
+    ids, mask = padded_calib()
     with caplog.at_level(logging.WARNING, logger="iterabre.scorers"):
         got = streamed_scores(model, ids, mask, scorer="output", device="cpu")
     assert "scoring the whole model" in caplog.text and "final norm" in caplog.text
-    _assert_same(got, naive_scores(model, ids, mask, scorer="output"), atol=1e-6)
+    assert_scores_close(got, naive_scores(model, ids, mask, scorer="output"), atol=1e-6)
 
 
 def _one_line_error(folder, match: str) -> None:
-    ids, mask = _calib()
+    ids, mask = padded_calib()
     with pytest.raises(IterabreError, match=match) as err:
         streamed_scores(folder, ids, mask, device="cpu")
     assert "\n" not in str(err.value) and "Fix:" in str(err.value)
@@ -255,4 +240,4 @@ def test_score_step_streams_from_the_folder(tiny_model_dir, tmp_path, monkeypatc
     monkeypatch.setattr(models, "load_model", no_whole_model)
     got = steps.score(tiny_model_dir, data, "angular", 2, "cpu")
     assert got["order"] == want.order
-    _assert_same({int(k): v for k, v in got["scores"].items()}, dict(want))
+    assert_scores_close({int(k): v for k, v in got["scores"].items()}, dict(want))
