@@ -357,7 +357,7 @@ EQUAL_RECIPES = {  # name -> (scorer, schedule, recovery method, when KD runs: "
     "sleb-kd": ("perplexity", "iterative", "kd", "end"),  # SLEB: re-scored after each removal, KD once at the end
 }
 # `recipe@knob=value`: a RecoveryConfig knob changed ...
-VARIANT_KNOBS = {"lr": float, "block_recon_lr": float, "reconstruct_tokens": int,
+VARIANT_KNOBS = {"lr": float, "block_recon_lr": float, "reconstruct_tokens": int, "ridge": float,
                  "block_recon_blocks": str, "calibration_tokens": int,
                  "calibration": str,  # ... or one of JOB_KNOBS, a CompressConfig knob
                  "kd_share": float}  # ... or one of PLAN_KNOBS, how the plan splits the budget

@@ -201,7 +201,7 @@ def quality_equal(d: dict) -> str:
                       "wikitext word ppl", "BLiMP acc", "XCOPA acc", "removed (original idx)", "minutes"], rows)
 
 
-def _seed_files(name: str) -> list[dict]:
+def seed_files(name: str) -> list[dict]:
     """The result files of a `NAME-seeds` block: NAME-seed0.json, NAME-seed1.json, ... in seed order."""
     prefix = name.removesuffix("-seeds") + "-seed"
     paths = [p for p in common.RESULTS.glob(f"{prefix}*.json") if p.stem[len(prefix):].isdigit()]
@@ -442,10 +442,30 @@ def phase_rates(d: dict) -> str:
     return md(COLUMNS, rows(d["units"])) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
+def removals(d: dict) -> str:
+    """Per depth and recipe: the removal's output distance before recovery (bench/removals.py) beside the
+    perplexity / BLiMP its run reached after recovery (the seed files), mean ± sd over the seeds scored."""
+    rows = []
+    for name in d["settings"]["sets"]:
+        runs = {f["settings"]["seed"]: f["units"] for f in seed_files(name)}
+        for recipe in d["settings"]["recipes"]:
+            scored = [r for r in d["rows"] if r["set"] == name and r["recipe"] == recipe]
+            if not scored:
+                continue
+            after = [runs[r["seed"]][recipe] for r in scored]
+            sets = {tuple(sorted(r["removed"])) for r in scored}
+            removed = " ".join(map(str, sets.pop())) if len(sets) == 1 else f"{len(sets)} different sets"
+            rows.append([scored[0]["blocks"], recipe, len(scored), removed,
+                         _msd([r["output_distance"] for r in scored], 3),
+                         _msd([u["wikitext_word_ppl"] for u in after], 1), _msd([u["blimp_acc"] for u in after], 3)])
+    return md(["blocks removed", "recipe", "seeds", "removed (sorted)", "output distance before recovery",
+               "wikitext word ppl after", "BLiMP after"], rows)
+
+
 RENDER = {"scoring": scoring, "recovery": recovery, "pruned_speed": pruned_speed, "overhead": overhead,
           "plans": plans, "planner": planner_bench, "quality": quality, "budget_study": budget_study,
           "base_eval": base_eval, "recovery_methods": recovery_methods, "quality_equal": quality_equal,
-          "dtypes": dtypes, "phase_rates": phase_rates}
+          "dtypes": dtypes, "phase_rates": phase_rates, "removals": removals}
 
 
 def _mean(units: list[dict], key: str) -> float:
@@ -517,7 +537,7 @@ def glance(quality: dict, study: dict, equal: list[list[dict]] = ()) -> str:
 def glance_from_files() -> str:
     """`glance` of bench/results/quality.json, budget_study.json and the EQUAL_GLANCE seed sets."""
     return glance(*(json.loads(common.result_path(n).read_text()) for n in ("quality", "budget_study")),
-                  [_seed_files(n) for n in EQUAL_GLANCE])
+                  [seed_files(n) for n in EQUAL_GLANCE])
 
 
 # result file -> its section of docs/BENCHMARKS.md (tests/test_docs.py checks the anchors)
@@ -664,9 +684,9 @@ def block(name: str) -> str:
     if name == "costs":
         return costs_from_files()
     if name == "quality-equal-depths":  # the default and the baselines over every depth's seed files
-        return equal_depths([_seed_files(n) for n in EQUAL_DEPTHS])
+        return equal_depths([seed_files(n) for n in EQUAL_DEPTHS])
     if name.endswith("-seeds"):  # one table over the seed files NAME-seed<k>.json
-        files = _seed_files(name)
+        files = seed_files(name)
         return "\n\n".join([machine_line(files[-1]["machine"]), equal_seeds(files)])
     data = json.loads(common.result_path(name).read_text())
     parts = [machine_line(data["machine"], bool(data.get("quick"))), RENDER[_kind(name)](data)]

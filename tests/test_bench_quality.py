@@ -216,6 +216,7 @@ def test_recipe_variants_change_one_knob_and_bad_ones_stop():
     assert quality.recipe("oneshot-block-recon+kd@block_recon_blocks=both")[1] == {"block_recon_blocks": "both"}
     assert quality.recipe("angular-reconstruct+kd@reconstruct_tokens=2048")[1] == {"reconstruct_tokens": 2048}
     assert quality.recipe("oneshot-block-recon+kd@kd_share=0.75")[1] == {"kd_share": 0.75}
+    assert quality.recipe("angular-reconstruct+kd@ridge=1")[1] == {"ridge": 1.0}
     for bad in ("oneshot-kd@kd_share=0.5", "oneshot-block-recon+kd@kd_share=1", "oneshot-block-recon+kd@kd_share=0",
                 "nope", "oneshot-kd@lx=1", "oneshot-kd@lr=", "oneshot-kd@calibration=books",
                 "oneshot-block-recon@block_recon_blocks=after", "oneshot-kd@calibration_tokens=many"):

@@ -1,0 +1,87 @@
+"""How far each recipe's removal moves the model's output before any recovery, beside what recovery reached.
+
+For every seed file of the equal-compute sets (bench/results/quality-equal-{6,8,10}b-seedK.json)
+and every recipe in it, the blocks that run removed are taken out of the base model together and
+scored by the IteRABRe criterion: 1 - cosine similarity of the final hidden states with and without
+them (`iterabre.scorers.cosine_distance_terms`, the output scorer's term), on that run's own
+calibration windows (same seed, same size). The rendered table sets it beside the run's wikitext
+perplexity after recovery: whether a removal's distance before recovery ranks removals the way
+recovery does, and so whether one criterion could choose between a contiguous run and a scattered
+set. No training: about a minute per seed file on 2 cores.
+
+    .venv/bin/python bench/removals.py [--sets quality-equal-6b,...] [--recipes ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import common
+from quality import DEFAULT_RECIPE
+from render import DEPTH_RECIPES, EQUAL_DEPTHS, seed_files
+
+RECIPES = (DEFAULT_RECIPE, *DEPTH_RECIPES)  # the depth table's recipes (BENCHMARKS §5)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(p)
+    p.add_argument("--sets", default=",".join(EQUAL_DEPTHS), help="comma list of equal-compute seed sets")
+    p.add_argument("--recipes", default=",".join(RECIPES), help="comma list of recipes whose removals to score")
+    p.add_argument("--name", default="removals", help="result file name (default removals)")
+    return p.parse_args()
+
+
+def calibration(s: dict, model_dir) -> "torch.Tensor":
+    """The calibration windows [N, T] the run with settings `s` scored on (prepare_data, same seed and size)."""
+    from iterabre.config import CompressConfig
+    from iterabre.steps import load_data, prepare_data
+
+    cfg = CompressConfig(model=s["model"], seed=s["seed"], calibration_tokens=s["calib_tokens"], seq_len=s["seq_len"])
+    with tempfile.TemporaryDirectory() as tmp:  # calibration does not depend on the recovery budget (split_windows)
+        return load_data(prepare_data(cfg, model_dir, tmp, [0]))["calib"]
+
+
+def output_distance(model, ids, removed: list[int]) -> float:
+    """Mean over tokens of 1 - cos(final hidden state without `removed`, with every block); ids [N, T]."""
+    import torch
+
+    from iterabre.scorers import cosine_distance_terms
+    from iterabre.surgery import blocks_skipped
+
+    mask = torch.ones_like(ids)  # windows are full slices of one token stream
+    with torch.inference_mode():
+        dense = model.base_model(input_ids=ids).last_hidden_state  # [N, T, d]
+        with blocks_skipped(model, removed):  # base model: original index == position
+            pruned = model.base_model(input_ids=ids).last_hidden_state
+    total, count = cosine_distance_terms(pruned, dense, mask)
+    return total / count
+
+
+def main() -> None:
+    args = parse_args()
+    common.apply_threads(args.threads)
+    from iterabre.models import load_model, model_folder
+
+    recipes = args.recipes.split(",")
+    rows, models = [], {}
+    for name in args.sets.split(","):
+        for d in seed_files(name):
+            s = d["settings"]
+            if s["model"] not in models:
+                models[s["model"]] = load_model(s["model"])[0].eval()
+            model, ids = models[s["model"]], calibration(s, model_folder(s["model"]))
+            for recipe in recipes:
+                unit = d["units"].get(recipe)
+                if not unit or not unit.get("removed"):  # not run on this seed, or its scoring used the budget
+                    continue
+                rows.append({"set": name, "blocks": s["blocks"], "seed": s["seed"], "recipe": recipe,
+                             "removed": unit["removed"], "output_distance": output_distance(model, ids, unit["removed"])})
+                print(f"{name} seed {s['seed']} {recipe}: {rows[-1]['output_distance']:.4f}", flush=True)
+    common.write_json(args.name, {"machine": common.machine_info(),
+                                  "settings": {"sets": args.sets.split(","), "recipes": recipes}, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
