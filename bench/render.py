@@ -652,7 +652,7 @@ def _kind(name: str) -> str:
 
 
 EQUAL_DEPTHS = ("quality-equal-6b", "quality-equal-8b", "quality-equal-10b")  # the depth table's seed sets
-# Its columns after the default: the published baselines, then the lowest perplexity measured at 6 blocks.
+# Its columns after the default: the published baselines, then least squares + KD on angular's run (run at every depth).
 DEPTH_RECIPES = ("shortgpt-kd@lr=2e-4", "angular-kd@lr=2e-4", "iterabre", "angular-reconstruct+kd@lr=2e-4")
 
 
