@@ -7,7 +7,7 @@ them (`iterabre.scorers.cosine_distance_terms`, the output scorer's term), on th
 calibration windows (same seed, same size). The rendered table sets it beside the run's wikitext
 perplexity after recovery: whether a removal's distance before recovery ranks removals the way
 recovery does, and so whether one criterion could choose between a contiguous run and a scattered
-set. No training: about a minute per seed file on 2 cores.
+set. No training: six minutes for the 11 seed files of BENCHMARKS §5 on 2 cores.
 
     .venv/bin/python bench/removals.py [--sets quality-equal-6b,...] [--recipes ...]
 """
@@ -18,7 +18,7 @@ import argparse
 import tempfile
 
 import common
-from quality import DEFAULT_RECIPE
+from quality import DEFAULT_RECIPE, recipe
 from render import DEPTH_RECIPES, EQUAL_DEPTHS, seed_files
 
 RECIPES = (DEFAULT_RECIPE, *DEPTH_RECIPES)  # the depth table's recipes (BENCHMARKS §5)
@@ -33,12 +33,21 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def calibration(s: dict, model_dir) -> "torch.Tensor":
-    """The calibration windows [N, T] the run with settings `s` scored on (prepare_data, same seed and size)."""
+def calibration_tokens(name: str, s: dict) -> int:
+    """How many wikitext calibration tokens recipe `name` scored on in a run with settings `s`."""
+    overrides = recipe(name)[1]
+    if overrides.get("calibration", "wikitext") != "wikitext":
+        raise SystemExit(f"{name} scored on {overrides['calibration']} text, which this script does not regenerate: "
+                         f"leave it out of --recipes")
+    return overrides.get("calibration_tokens", s["calib_tokens"])
+
+
+def calibration(s: dict, tokens: int, model_dir) -> "torch.Tensor":
+    """The calibration windows [N, T] of `tokens` tokens a run with settings `s` scored on (prepare_data, same seed)."""
     from iterabre.config import CompressConfig
     from iterabre.steps import load_data, prepare_data
 
-    cfg = CompressConfig(model=s["model"], seed=s["seed"], calibration_tokens=s["calib_tokens"], seq_len=s["seq_len"])
+    cfg = CompressConfig(model=s["model"], seed=s["seed"], calibration_tokens=tokens, seq_len=s["seq_len"])
     with tempfile.TemporaryDirectory() as tmp:  # calibration does not depend on the recovery budget (split_windows)
         return load_data(prepare_data(cfg, model_dir, tmp, [0]))["calib"]
 
@@ -65,23 +74,27 @@ def main() -> None:
     from iterabre.models import load_model, model_folder
 
     recipes = args.recipes.split(",")
+    for r in recipes:  # a bad recipe stops here, before any compute
+        calibration_tokens(r, {"calib_tokens": 0})
     rows, models = [], {}
-    for name in args.sets.split(","):
-        for d in seed_files(name):
-            s = d["settings"]
+    for set_name in args.sets.split(","):
+        for d in seed_files(set_name):
+            s, windows = d["settings"], {}  # windows: calibration tokens -> ids [N, T], per seed file
             if s["model"] not in models:
                 models[s["model"]] = load_model(s["model"])[0].eval()
-            model, ids = models[s["model"]], calibration(s, model_folder(s["model"]))
-            for recipe in recipes:
-                unit = d["units"].get(recipe)
+            for r in recipes:
+                unit = d["units"].get(r)
                 if not unit or not unit.get("removed"):  # not run on this seed, or its scoring used the budget
                     continue
-                rows.append({"set": name, "blocks": s["blocks"], "seed": s["seed"], "recipe": recipe,
-                             "removed": unit["removed"], "output_distance": output_distance(model, ids, unit["removed"])})
-                print(f"{name} seed {s['seed']} {recipe}: {rows[-1]['output_distance']:.4f}", flush=True)
+                tokens = calibration_tokens(r, s)
+                if tokens not in windows:
+                    windows[tokens] = calibration(s, tokens, model_folder(s["model"]))
+                distance = output_distance(models[s["model"]], windows[tokens], unit["removed"])
+                rows.append({"set": set_name, "blocks": s["blocks"], "seed": s["seed"], "recipe": r,
+                             "removed": unit["removed"], "output_distance": distance})
+                print(f"{set_name} seed {s['seed']} {r}: {distance:.4f}", flush=True)
     common.write_json(args.name, {"machine": common.machine_info(),
                                   "settings": {"sets": args.sets.split(","), "recipes": recipes}, "rows": rows})
-
 
 if __name__ == "__main__":
     main()

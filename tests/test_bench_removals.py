@@ -34,3 +34,11 @@ def test_set_distance_is_joint_and_leaves_the_model_whole():
     assert pair > 0 and pair != pytest.approx(singles, abs=1e-6)
     assert removals.output_distance(model, ids, []) == pytest.approx(0.0, abs=1e-6)
     assert len(model.model.layers) == 6 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_calibration_follows_the_recipe_and_self_generated_stops():
+    s = {"calib_tokens": 1024}
+    assert removals.calibration_tokens("angular-kd@lr=2e-4", s) == 1024
+    assert removals.calibration_tokens("oneshot-block-recon+kd@lr=2e-4@calibration_tokens=2048", s) == 2048
+    with pytest.raises(SystemExit, match="leave it out"):
+        removals.calibration_tokens("oneshot-block-recon+kd@calibration=self-generated", s)
