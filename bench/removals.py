@@ -52,18 +52,26 @@ def calibration(s: dict, tokens: int, model_dir) -> "torch.Tensor":
         return load_data(prepare_data(cfg, model_dir, tmp, [0]))["calib"]
 
 
-def output_distance(model, ids, removed: list[int]) -> float:
-    """Mean over tokens of 1 - cos(final hidden state without `removed`, with every block); ids [N, T]."""
+def final_states(model, ids) -> "torch.Tensor":
+    """Final hidden states [N, T, d] of the model as it is (blocks_skipped may have taken some out); ids [N, T]."""
+    import torch
+
+    with torch.inference_mode():
+        return model.base_model(input_ids=ids).last_hidden_state
+
+
+def output_distance(model, ids, removed: list[int], dense=None) -> float:
+    """Mean over tokens of 1 - cos(final hidden state without `removed`, with every block); ids [N, T].
+    `dense`: final_states(model, ids) when already computed (every removal on the same windows shares it)."""
     import torch
 
     from iterabre.scorers import cosine_distance_terms
     from iterabre.surgery import blocks_skipped
 
     mask = torch.ones_like(ids)  # windows are full slices of one token stream
-    with torch.inference_mode():
-        dense = model.base_model(input_ids=ids).last_hidden_state  # [N, T, d]
-        with blocks_skipped(model, removed):  # base model: original index == position
-            pruned = model.base_model(input_ids=ids).last_hidden_state
+    dense = final_states(model, ids) if dense is None else dense
+    with blocks_skipped(model, removed):  # base model: original index == position
+        pruned = final_states(model, ids)
     total, count = cosine_distance_terms(pruned, dense, mask)
     return total / count
 
@@ -79,7 +87,7 @@ def main() -> None:
     rows, models = [], {}
     for set_name in args.sets.split(","):
         for d in seed_files(set_name):
-            s, windows = d["settings"], {}  # windows: calibration tokens -> ids [N, T], per seed file
+            s, windows = d["settings"], {}  # calibration tokens -> (ids [N, T], dense final states), per seed file
             if s["model"] not in models:
                 models[s["model"]] = load_model(s["model"])[0].eval()
             for r in recipes:
@@ -87,14 +95,18 @@ def main() -> None:
                 if not unit or not unit.get("removed"):  # not run on this seed, or its scoring used the budget
                     continue
                 tokens = calibration_tokens(r, s)
+                model = models[s["model"]]
                 if tokens not in windows:
-                    windows[tokens] = calibration(s, tokens, model_folder(s["model"]))
-                distance = output_distance(models[s["model"]], windows[tokens], unit["removed"])
+                    ids = calibration(s, tokens, model_folder(s["model"]))
+                    windows[tokens] = ids, final_states(model, ids)
+                ids, dense = windows[tokens]
+                distance = output_distance(model, ids, unit["removed"], dense=dense)
                 rows.append({"set": set_name, "blocks": s["blocks"], "seed": s["seed"], "recipe": r,
                              "removed": unit["removed"], "output_distance": distance})
                 print(f"{set_name} seed {s['seed']} {r}: {distance:.4f}", flush=True)
     common.write_json(args.name, {"machine": common.machine_info(),
                                   "settings": {"sets": args.sets.split(","), "recipes": recipes}, "rows": rows})
+
 
 if __name__ == "__main__":
     main()
