@@ -355,6 +355,8 @@ EQUAL_RECIPES = {  # name -> (scorer, schedule, recovery method, when KD runs: "
     "angular-block-recon+kd": ("angular", "one-shot", "block-recon+kd", "steps"),  # that run, repaired by block-recon+kd
     "angular-reconstruct+kd": ("angular", "one-shot", "reconstruct+kd", "steps"),  # that run, least squares, then KD
     "sleb-kd": ("perplexity", "iterative", "kd", "end"),  # SLEB: re-scored after each removal, KD once at the end
+    "select-auto": ("select", "one-shot", "auto", "steps"),  # output's or angular's set, whichever moves the output
+    #                                                          less; least squares + KD on one gap, else block-recon+kd
 }
 # `recipe@knob=value`: a RecoveryConfig knob changed ...
 VARIANT_KNOBS = {"lr": float, "block_recon_lr": float, "reconstruct_tokens": int, "ridge": float,
@@ -463,8 +465,17 @@ def scoring_flops(sh: Shapes, s: dict, scorer: str, schedule: str) -> int:
     depths = [sh.layers] if schedule == "one-shot" else [sh.layers - i for i in range(s["blocks"])]
     per_pass = {"block-influence": lambda L: L * sh.blk, "angular": lambda L: L * sh.blk,
                 "output": lambda L: (L + L * (L - 1) // 2) * sh.blk,
-                "perplexity": lambda L: (L + L * (L - 1) // 2) * sh.blk + L * sh.head}[scorer]
-    return sum(calib * per_pass(L) for L in depths)
+                "perplexity": lambda L: (L + L * (L - 1) // 2) * sh.blk + L * sh.head}
+    if scorer == "select":  # every proposing rule, then the dense stream and each set's stream (the blocks after
+        #                     its first removed one: at most L - k, the bound predicted here)
+        rules = SELECT_FROM.split(",")
+        k = s["blocks"] if schedule == "one-shot" else 1
+        return sum(calib * (sum(per_pass[r](L) for r in rules) + (L + len(rules) * (L - k)) * sh.blk)
+                   for L in depths)
+    return sum(calib * per_pass[scorer](L) for L in depths)
+
+
+SELECT_FROM = "output,angular"  # the library's default select_from (tests/test_bench_quality.py holds them equal)
 
 
 def kd_per_token(sh: Shapes, student_layers: int, lora: bool = False) -> int:
@@ -584,14 +595,19 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
     """
     sh = shapes(s["model"], s["seq_len"])
     (scorer, schedule, method, when), overrides = recipe(name)
+    if method == "auto":  # sized as the method it will run on this removal's gaps
+        from iterabre.recovery import auto_method
+
+        method = auto_method(len(_units(sh, removed)))
     job = {k: v for k, v in overrides.items() if k in JOB_KNOBS}
     s = recipe_settings(s, name)  # a recipe's own calibration size scores, and sizes the held-out set
     which = overrides.get("block_recon_blocks", _rc_default("block_recon_blocks"))
     scoring, Ls = scoring_flops(sh, s, scorer, schedule), sh.layers - s["blocks"]
-    fit = overrides.get("reconstruct_tokens", _rc_default("block_recon_tokens"))  # reconstruct+kd: block-recon's size
-    generated = generation_flops(sh, s, method, job.get("calibration", "wikitext"), reconstruct_tokens=fit)
+    fit = overrides.get("reconstruct_tokens",  # reconstruct+kd: block-recon's size; auto: the library's default
+                        _rc_default("reconstruct_tokens" if recipe(name)[0][2] == "auto" else "block_recon_tokens"))
+    generated = generation_flops(sh, s, recipe(name)[0][2], job.get("calibration", "wikitext"), reconstruct_tokens=fit)
     left, mb = s["flops"] - scoring - generated, s["kd_batch_size"] * s["seq_len"]
-    rec = {"method": method, "batch_size": s["kd_batch_size"], "lr": common.TABLE_LR,
+    rec = {"method": recipe(name)[0][2], "batch_size": s["kd_batch_size"], "lr": common.TABLE_LR,
            **{k: v for k, v in overrides.items() if k not in JOB_KNOBS + PLAN_KNOBS}}
     share = overrides.get("kd_share", KD_SHARE)
     tokens, spent = 0, 0
@@ -609,6 +625,7 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
             fields.update(budget_schedule="final", final_share=1 - 1 / (4 * max(1, tokens // mb)))
     elif method == "reconstruct":
         tokens = _whole(left / (reconstruct_flops(sh, removed, 1)), mb)
+        rec["reconstruct_tokens"] = tokens  # the fit reads every window the budget buys
         spent = reconstruct_flops(sh, removed, tokens)
     elif method == "block-recon":
         tokens = capture_tokens(sh, s, removed, left, mb, which)
@@ -635,7 +652,7 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
         spent = block_recon_flops(sh, s, removed, rec["block_recon_tokens"], rec["block_recon_steps"], which)
         spent += tokens * kd_per_token(sh, Ls)
     fields["recovery_tokens"] = tokens
-    return {"fields": fields, "recovery": rec, "scoring": scoring, "generation": generated,
+    return {"fields": fields, "recovery": rec, "method": method, "scoring": scoring, "generation": generated,
             "recovery_flops": int(spent), "feasible": tokens >= mb}
 
 
@@ -671,7 +688,7 @@ def equal_unit(name: str, s: dict, work: Path, removed: list[int] | None) -> dic
     rec_flops = measured_recovery_flops(report, s)
     scoring = report["compute"]["scoring_flops"]  # what the flow's scoring passes ran (iterabre.flops)
     generated = report["compute"].get("generation_flops", 0)  # self-generated calibration text
-    kd_tokens = plan["fields"]["recovery_tokens"] if "kd" in plan["recovery"]["method"] else 0
+    kd_tokens = plan["fields"]["recovery_tokens"] if "kd" in plan.get("method", plan["recovery"]["method"]) else 0
     return {"label": name, "feasible": True, "plan": plan, "removed": report["removed_layers"],
             "recovery": phases, "kd_tokens": kd_tokens, "scoring_flops": scoring, "generation_flops": generated,
             "recovery_flops": rec_flops, "total_flops": generated + scoring + rec_flops, "eval": ev, **headline(ev),
@@ -688,15 +705,14 @@ def _oneshot_removal(s: dict, units: dict, work: Path, scorer: str = "output", l
     if done:
         return done[0]
     s = {**s, "calib_tokens": calib}
-    from iterabre import planning, steps
+    from iterabre import steps
     from iterabre.config import CompressConfig
     from iterabre.embedded import EMBEDDED, pull_embedded_model
 
     model = str(pull_embedded_model(s["model"]) if s["model"] in EMBEDDED else s["model"])
     cfg = CompressConfig(model=s["model"], calibration_tokens=s["calib_tokens"], seq_len=s["seq_len"], seed=s["seed"])
     data = steps.prepare_data(cfg, model, work / "prescore", [])
-    scored = steps.score(model, data, scorer, s["blocks"] if scorer == "angular" else 1, "cpu")  # as the flow
-    return planning.plan_removal(scored["scores"], s["blocks"], scorer, scored["order"])
+    return steps.score(model, data, scorer, s["blocks"], "cpu")["remove"]  # as the flow chooses
 
 
 def equal_rows(units: dict, s: dict) -> list[list]:

@@ -3,7 +3,7 @@
 For every seed file of the equal-compute sets (bench/results/quality-equal-{6,8,10}b-seedK.json)
 and every recipe in it, the blocks that run removed are taken out of the base model together and
 scored by the IteRABRe criterion: 1 - cosine similarity of the final hidden states with and without
-them (`iterabre.scorers.cosine_distance_terms`, the output scorer's term), on that run's own
+them (`iterabre.scorers.set_distances`, what `--scorer select` compares), on that run's own
 calibration windows (same seed, same size). The rendered table sets it beside the run's wikitext
 perplexity after recovery: whether a removal's distance before recovery ranks removals the way
 recovery does, and so whether one criterion could choose between a contiguous run and a scattered
@@ -52,34 +52,13 @@ def calibration(s: dict, tokens: int, model_dir) -> "torch.Tensor":
         return load_data(prepare_data(cfg, model_dir, tmp, [0]))["calib"]
 
 
-def final_states(model, ids) -> "torch.Tensor":
-    """Final hidden states [N, T, d] of the model as it is (blocks_skipped may have taken some out); ids [N, T]."""
-    import torch
-
-    with torch.inference_mode():
-        return model.base_model(input_ids=ids).last_hidden_state
-
-
-def output_distance(model, ids, removed: list[int], dense=None) -> float:
-    """Mean over tokens of 1 - cos(final hidden state without `removed`, with every block); ids [N, T].
-    `dense`: final_states(model, ids) when already computed (every removal on the same windows shares it)."""
-    import torch
-
-    from iterabre.scorers import cosine_distance_terms
-    from iterabre.surgery import blocks_skipped
-
-    mask = torch.ones_like(ids)  # windows are full slices of one token stream
-    dense = final_states(model, ids) if dense is None else dense
-    with blocks_skipped(model, removed):  # base model: original index == position
-        pruned = final_states(model, ids)
-    total, count = cosine_distance_terms(pruned, dense, mask)
-    return total / count
-
-
 def main() -> None:
     args = parse_args()
     common.apply_threads(args.threads)
+    import torch
+
     from iterabre.models import load_model, model_folder
+    from iterabre.scorers import set_distances
 
     recipes = args.recipes.split(",")
     for r in recipes:  # a bad recipe stops here, before any compute
@@ -87,23 +66,20 @@ def main() -> None:
     rows, models = [], {}
     for set_name in args.sets.split(","):
         for d in seed_files(set_name):
-            s, windows = d["settings"], {}  # calibration tokens -> (ids [N, T], dense final states), per seed file
+            s, by_size = d["settings"], {}  # calibration tokens -> {recipe: removed}, per seed file
             if s["model"] not in models:
                 models[s["model"]] = load_model(s["model"])[0].eval()
             for r in recipes:
                 unit = d["units"].get(r)
-                if not unit or not unit.get("removed"):  # not run on this seed, or its scoring used the budget
-                    continue
-                tokens = calibration_tokens(r, s)
-                model = models[s["model"]]
-                if tokens not in windows:
-                    ids = calibration(s, tokens, model_folder(s["model"]))
-                    windows[tokens] = ids, final_states(model, ids)
-                ids, dense = windows[tokens]
-                distance = output_distance(model, ids, unit["removed"], dense=dense)
-                rows.append({"set": set_name, "blocks": s["blocks"], "seed": s["seed"], "recipe": r,
-                             "removed": unit["removed"], "output_distance": distance})
-                print(f"{set_name} seed {s['seed']} {r}: {distance:.4f}", flush=True)
+                if unit and unit.get("removed"):  # run on this seed, and its scoring left budget for a removal
+                    by_size.setdefault(calibration_tokens(r, s), {})[r] = unit["removed"]
+            for tokens, sets in by_size.items():  # every removal scored on the same windows in one pass
+                ids = calibration(s, tokens, model_folder(s["model"]))
+                distances = set_distances(models[s["model"]], ids, torch.ones_like(ids), sets, device="cpu")
+                for r, removed in sets.items():
+                    rows.append({"set": set_name, "blocks": s["blocks"], "seed": s["seed"], "recipe": r,
+                                 "removed": removed, "output_distance": distances[r]})
+                    print(f"{set_name} seed {s['seed']} {r}: {distances[r]:.4f}", flush=True)
     common.write_json(args.name, {"machine": common.machine_info(),
                                   "settings": {"sets": args.sets.split(","), "recipes": recipes}, "rows": rows})
 

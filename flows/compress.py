@@ -64,9 +64,10 @@ def prepare_data(config: dict, base_dir: InPath, work_dir: str, budgets: list[in
 
 
 @task(name="score", **_PERSIST)
-def score(model_dir: InPath, data_path: InPath, scorer: str, n: int, device: str, dtype: str) -> dict:
-    """Score every remaining block of the current model."""
-    return steps.score(model_dir, data_path, scorer, n, device, dtype)
+def score(model_dir: InPath, data_path: InPath, scorer: str, k: int, device: str, dtype: str,
+          select_from: str = D.select_from) -> dict:
+    """Score every remaining block of the current model; choose the k to remove."""
+    return steps.score(model_dir, data_path, scorer, k, device, dtype, select_from)
 
 
 @task(name="prune", **_PERSIST)
@@ -241,10 +242,9 @@ def iteration(run: Run, step: int, current: dict, base: dict, data: dict, k: int
     `extra_window` adds carry-pool windows for tokens an earlier step left over (adaptive budget).
     """
     cfg = run.cfg
-    n = k if cfg.scorer == "angular" else 1  # angular scores runs of k blocks; others single blocks
-    scored = run.call("score", model_dir=current["path"], data_path=data["path"], scorer=cfg.scorer, n=n,
-                      device=run.device, dtype=cfg.dtype)
-    remove = planning.plan_removal(scored["scores"], k, cfg.scorer, scored["order"])
+    scored = run.call("score", model_dir=current["path"], data_path=data["path"], scorer=cfg.scorer, k=k,
+                      device=run.device, dtype=cfg.dtype, select_from=cfg.select_from)
+    remove = scored["remove"]
     pruned = run.call("prune", model_dir=current["path"], remove=remove,
                       out_dir=str(run.out / "work" / f"step-{step:02d}-pruned"))
     teacher = _teacher(run, base, current)
@@ -257,6 +257,7 @@ def iteration(run: Run, step: int, current: dict, base: dict, data: dict, k: int
         shutil.rmtree(pruned["path"], ignore_errors=True)
     ev = _evaluate(run, healed) if run.opts.eval_every_step else {}
     record = {"step": step, "removed": remove, "scores": scored["scores"], "score_flops": scored.get("flops"),
+              **{key: scored[key] for key in ("candidates", "distances", "chosen") if key in scored},
               "num_layers": healed["num_layers"], "recovery": healed["recovery"], "eval": ev,
               "checkpoint": healed["path"],
               **_recovery_fields(run, teacher, budget, data, [window, extra_window])}
@@ -289,7 +290,8 @@ def _evaluate(run: Run, model: dict) -> dict:
 
 @flow(name="iterabre", log_prints=True)
 def compress(model: str = D.model, revision: str | None = D.revision, target_layers: int | None = D.target_layers,
-             target_ratio: float | None = D.target_ratio, scorer: str = D.scorer, schedule: str = D.schedule,
+             target_ratio: float | None = D.target_ratio, scorer: str = D.scorer, select_from: str = D.select_from,
+             schedule: str = D.schedule,
              blocks_per_step: int = D.blocks_per_step, teacher: str = D.teacher, calibration: str = D.calibration,
              calibration_tokens: int = D.calibration_tokens, recovery_tokens: int = D.recovery_tokens,
              budget_schedule: str = D.budget_schedule, final_share: float = D.final_share,

@@ -38,7 +38,9 @@ class RecoveryConfig:
 
     method: str = knob("block-recon+kd", "Recovery method: none | kd | lora-kd | reconstruct | reconstruct+kd | "
                                          "block-recon | block-recon+kd (block-wise reconstruction at each gap, "
-                                         "then KD: best measured at equal compute, docs/BENCHMARKS.md §5).",
+                                         "then KD: best measured at equal compute, docs/BENCHMARKS.md §5) | auto "
+                                         "(reconstruct+kd when the removal leaves one gap, block-recon+kd when it "
+                                         "leaves several).",
                        "iterabre.recovery:RECOVERY_METHODS")
     tokens: int = knob(4096, "Token budget of this phase; the loop sets it from the total budget.")
     batch_size: int = knob(4, "Recovery sequences per micro-batch.")
@@ -64,9 +66,10 @@ class RecoveryConfig:
     early_stop_tol: float = knob(0.01, "Plateau = relative held-out improvement below this.")
     ridge: float = knob(0.3, "reconstruct: ridge relative to the mean Gram diagonal, pulls towards the current "
                              "weights (0.3 measured best on SmolLM2).")
-    reconstruct_tokens: int = knob(0, "reconstruct: non-padding tokens the least-squares fit reads, the first "
-                                      "recovery windows that reach it (0: all of them; reconstruct+kd then gives "
-                                      "KD the whole budget while the fit reads only these).")
+    reconstruct_tokens: int = knob(16384, "reconstruct: non-padding tokens the least-squares fit reads, the first "
+                                          "recovery windows that reach it (0: all of them; reconstruct+kd gives KD "
+                                          "the whole budget while the fit reads only these; 16384 beat 4096 at "
+                                          "equal compute, docs/BENCHMARKS.md §5).")
     block_recon_blocks: str = knob("before", "block-recon: which kept blocks train at each gap: before (the one "
                                              "before it) | both (before and after, together).",
                                    "iterabre.blockrecon:TRAINED_BLOCKS")
@@ -93,8 +96,12 @@ class CompressConfig:
     scorer: str = knob("output", "How blocks are scored: output (IteRABRe: how little the final hidden states "
                                  "change without the block; best measured at equal compute with block-recon+kd, "
                                  "docs/BENCHMARKS.md §5) | angular (the contiguous run whose input and output are "
-                                 "closest) | block-influence (ShortGPT) | perplexity (SLEB).",
-                       "iterabre.scorers:SCORERS")
+                                 "closest) | block-influence (ShortGPT) | perplexity (SLEB) | select (each rule "
+                                 "of select_from proposes its set; the set whose removal as a whole changes the "
+                                 "final hidden states least is removed).",
+                       "iterabre.scorers:REMOVAL_RULES")
+    select_from: str = knob("output,angular", "select: comma list of the scorers whose removals are compared "
+                                              "(ties go to the one named first).")
     schedule: str = knob("one-shot", "one-shot (score once, remove all, recover once: best at equal compute, "
                                      "docs/BENCHMARKS.md §5) | iterative (IteRABRe).", SCHEDULES)
     blocks_per_step: int = knob(1, "Blocks removed per iteration (iterative schedule).")
@@ -267,6 +274,18 @@ def _check_processes(cfg: CompressConfig, device: str) -> None:
                                 "pass --num-processes at most the number of GPUs (one process per GPU)")
 
 
+def _check_select(cfg: CompressConfig) -> None:
+    """select_from names two or more distinct scorers (not `select` itself)."""
+    from iterabre.scorers import SCORERS
+
+    names = [n.strip() for n in cfg.select_from.split(",") if n.strip()]
+    bad = [n for n in names if n not in SCORERS]
+    if bad or len(set(names)) != len(names) or (cfg.scorer == "select" and len(names) < 2):
+        raise IterabreError(f"select_from={cfg.select_from!r} must name two or more distinct scorers"
+                            + (f" ({', '.join(bad)} is not one)." if bad else "."),
+                            f"pass e.g. --select-from output,angular (scorers: {', '.join(SCORERS)})")
+
+
 def _as_declared(value, annotation: str):
     """An int given for a float field becomes a float (JSON and Prefect turn 2 into 2.0 or back)."""
     if isinstance(value, int) and not isinstance(value, bool) and annotation.startswith("float"):
@@ -296,10 +315,12 @@ def validate(cfg: CompressConfig) -> None:
     _check_budget(cfg)
     _check_sizes(cfg)
     check_recovery(cfg.recovery)
-    if cfg.calibration == "self-generated" and cfg.recovery.method.startswith("reconstruct") \
+    if cfg.calibration == "self-generated" and (cfg.recovery.method.startswith("reconstruct")
+                                                or cfg.recovery.method == "auto") \
             and not cfg.recovery.reconstruct_tokens:
         raise IterabreError("calibration=self-generated with recovery reconstruct needs reconstruct_tokens > 0: "
                             "how many tokens to generate for the fit.", "pass e.g. --reconstruct-tokens 4096")
+    _check_select(cfg)
     _check_processes(cfg, resolve_device(cfg.device))
     check_local_model(cfg.model, cfg.allow_pickle)  # a broken model folder fails now, not minutes later
     require_dir_or_absent(cfg.output, "--output", "pass a folder path (a new one, or an earlier job's output)")

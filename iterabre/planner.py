@@ -252,6 +252,7 @@ class Job:
     calibration_tokens: int = CompressConfig.calibration_tokens
     grad_checkpointing: bool = RecoveryConfig.grad_checkpointing  # asked for; the planner may switch it on by itself
     scorer: str = CompressConfig.scorer
+    select_from: str = CompressConfig.select_from  # scorer=select: every rule's pass, then the sets' walk
     eval_tasks: str = CompressConfig.eval_tasks
     eval_parallelize: bool = CompressConfig.eval_parallelize  # weights split over the GPUs (num_processes)
     calibration: str = CompressConfig.calibration  # self-generated adds the generate phase
@@ -449,11 +450,15 @@ def score_phase(m: ModelCounts, job: Job) -> PhaseEstimate:
     from iterabre.streaming import memory_parts
 
     size = BYTES[working_dtype(job)]
-    n = job.blocks_per_step if job.scorer == "angular" else 1  # angular scores runs of k blocks
-    streamed = memory_parts(block=size * m.block_params, root=size * m.root_params, layers=m.num_layers,
-                            hidden=m.hidden, ffn=m.ffn, heads=m.heads, vocab=m.vocab,
-                            tokens=job.calibration_tokens, seq_len=job.seq_len, batch_size=SCORE_BATCH,
-                            itemsize=size, scorer=job.scorer, n=n)
+    rules = [r.strip() for r in job.select_from.split(",") if r.strip()] if job.scorer == "select" else [job.scorer]
+    passes = [(r, job.blocks_per_step if r == "angular" else 1) for r in rules]  # angular scores runs of k blocks
+    if job.scorer == "select":  # then the sets' walk: the dense stream + one per set, like a pair scorer's n + 1
+        passes.append(("block-influence", len(rules)))
+    streamed = max((memory_parts(block=size * m.block_params, root=size * m.root_params, layers=m.num_layers,
+                                 hidden=m.hidden, ffn=m.ffn, heads=m.heads, vocab=m.vocab,
+                                 tokens=job.calibration_tokens, seq_len=job.seq_len, batch_size=SCORE_BATCH,
+                                 itemsize=size, scorer=r, n=n) for r, n in passes),
+                   key=lambda parts: parts["total"])  # the passes run one after another
     parts = {"runtime": _runtime(job), "two blocks": streamed["blocks"],
              "embedding, head": streamed["embedding_head"], "streams": streamed["streams"],
              "block call": streamed["activations"]}
@@ -528,7 +533,7 @@ def recovery_parts(m: ModelCounts, job: Job, checkpointing: bool) -> tuple[dict[
     if job.fsdp and job.num_processes > 1:  # blocks all-gathered for compute (current + prefetched)
         gathered = 2 * m.block_params * wb + m.root_params * wb
         parts["all-gathered blocks (FSDP)"] = 2 * gathered if n_train else gathered  # teacher's and student's
-    if job.method.startswith("reconstruct"):
+    if job.method.startswith("reconstruct") or job.method == "auto":  # auto may fit by least squares
         parts["least-squares statistics (float64)"] = reconstruct_stats(m)
     root_trainable = m.root_params if mode == "all" else 0
     modes = block_modes(job, student_blocks, removed)
@@ -737,7 +742,8 @@ def job_from_config(cfg, target_layers: int, device: str) -> Job:
                method=rec.method, trainable=rec.trainable, lora_rank=rec.lora_rank, dtype=cfg.dtype,
                device=device, num_processes=cfg.num_processes, fsdp=cfg.fsdp, batch_size=rec.batch_size,
                seq_len=cfg.seq_len, calibration_tokens=cfg.calibration_tokens,
-               grad_checkpointing=rec.grad_checkpointing, scorer=cfg.scorer, eval_tasks=cfg.eval_tasks,
+               grad_checkpointing=rec.grad_checkpointing, scorer=cfg.scorer, select_from=cfg.select_from,
+               eval_tasks=cfg.eval_tasks,
                eval_parallelize=cfg.eval_parallelize, calibration=cfg.calibration, bf16=rec.bf16)
 
 

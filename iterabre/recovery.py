@@ -622,6 +622,30 @@ def _recover_block_recon_kd(job: RecoveryJob) -> RecoveryResult:
     return _then_kd(_recover_block_recon(job), job, "block-recon+kd")
 
 
+def gap_count(job: RecoveryJob) -> int:
+    """How many gaps the removed blocks leave in the student (a contiguous run leaves one)."""
+    from iterabre.blockrecon import units_for
+    from iterabre.surgery import original_indices
+
+    return len(units_for(original_indices(job.student), original_indices(job.teacher), job.removed))
+
+
+def auto_method(gaps: int) -> str:
+    """The repair `auto` runs for a removal that leaves `gaps` gaps: least squares then KD for one gap,
+    block-wise reconstruction then KD for several (the best of each measured at equal compute,
+    docs/BENCHMARKS.md §5: a least-squares fit is cheap for one gap and beat block-recon there; with
+    many gaps its captures add up and block-recon+kd kept more)."""
+    return "reconstruct+kd" if gaps == 1 else "block-recon+kd"
+
+
+def _recover_auto(job: RecoveryJob) -> RecoveryResult:
+    """reconstruct+kd or block-recon+kd, by the gaps this removal leaves (`auto_method`)."""
+    method = auto_method(gap_count(job))
+    result = RECOVERY_METHODS[method](job)
+    result.extra["auto"] = method
+    return result
+
+
 RECOVERY_METHODS: dict[str, Callable[[RecoveryJob], RecoveryResult]] = {
     "none": _recover_none,
     "kd": _recover_kd,
@@ -630,6 +654,7 @@ RECOVERY_METHODS: dict[str, Callable[[RecoveryJob], RecoveryResult]] = {
     "reconstruct+kd": _recover_reconstruct_kd,
     "block-recon": _recover_block_recon,
     "block-recon+kd": _recover_block_recon_kd,
+    "auto": _recover_auto,
 }
 
 

@@ -496,3 +496,120 @@ def lowest_blocks(scores: dict[int, float], k: int, contiguous: bool = False,
         raise IterabreError(f"A run of {k} blocks from block {ranked[0]} runs past the last block.",
                             "score with score_blocks(..., n=k) so every start leaves room for k blocks.")
     return order[start:start + k]
+
+
+# ---- whole removal sets: the IteRABRe criterion on every block of a set at once ------------------
+# Per-block scores add up badly: blocks interact, so the k lowest single scores are not the set
+# of k whose joint removal moves the output least (BENCHMARKS §5, removal distances). `select`
+# compares the sets other rules propose by the distance of removing each set whole.
+
+def _set_positions(model, sets: dict[str, list[int]]) -> dict[str, frozenset[int]]:
+    """Named sets of ORIGINAL block indices -> the positions they hold in `model` now."""
+    order = original_indices(model)
+    where = {o: p for p, o in enumerate(order)}
+    positions = {}
+    for name, blocks in sets.items():
+        missing = sorted(set(blocks) - set(where))
+        if missing or not blocks or len(set(blocks)) >= len(order):
+            raise IterabreError(f"removal set {name!r} = {list(blocks)} is not a proper subset of the model's "
+                                f"blocks {order}.", "pass sets of remaining original block indices")
+        positions[name] = frozenset(where[b] for b in blocks)
+    return positions
+
+
+def _set_result(sums: dict[str, list]) -> dict[str, float]:
+    """(sum, count) per set -> mean 1 - cos per token."""
+    if any(count == 0 for _, count in sums.values()):
+        raise IterabreError("No scorable tokens for the removal sets (all padding).",
+                            "pass calibration windows with real tokens.")
+    return {name: total / count for name, (total, count) in sums.items()}
+
+
+def naive_set_distances(model, input_ids, attention_mask, sets: dict[str, list[int]],
+                        batch_size: int = 4) -> dict[str, float]:
+    """Reference: {name: mean over tokens of 1 - cos(final hidden states without every block of the set, with
+    all blocks)}, by rerunning the whole model once per set; `sets` hold original block indices."""
+    positions = _set_positions(model, sets)
+    batches = _batches(input_ids, attention_mask, batch_size, next(model.parameters()).device)
+    sums = {name: [0.0, 0] for name in sets}
+    with _eval_inference(model):
+        for ids, mask in batches:
+            dense = _forward_final(model, ids, mask, False)  # [b, T, d]
+            for name, skip in positions.items():
+                with blocks_skipped(model, sorted(skip)):
+                    _add(sums, name, cosine_distance_terms(_forward_final(model, ids, mask, False), dense, mask))
+    return _set_result(sums)
+
+
+def _walk_sets(source, positions: dict[str, frozenset[int]], input_ids, attention_mask, batch_size, device,
+               call_budget) -> dict[str, float]:
+    """One pass over the blocks (per group of batches): the dense stream and one stream per set, which
+    follows the dense stream until the set's first block and then skips every block of the set."""
+    model = source.model
+    blocks = decoder_blocks(model)
+    rule = SCORERS["output"]  # the same recorded block inputs and final-norm check as the output scorer
+    batches = _batches(input_ids, attention_mask, batch_size, device)
+    plan = plan_streams(model.config, device, [len(ids) for ids, _ in batches], input_ids.shape[1],
+                        len(positions) + 1, next(p for p in model.parameters() if p.is_floating_point()).dtype,
+                        call_budget)
+    walks = _prepare_walks(model, batches, rule, plan.stream_device)
+    tail, sums = tail_modules(model), {name: [0.0, 0] for name in positions}
+    for group in plan.groups:
+        for j in range(len(blocks)):
+            block = source.load(j)
+            for b in group:
+                walk = walks[b]
+                for name, skip in positions.items():  # a set's stream starts where its first block is skipped
+                    if j in skip and name not in walk.candidates:
+                        walk.candidates[name] = walk.dense
+                running = [name for name in walk.candidates if j not in positions[name]]
+                rows = walk.ids.shape[0]
+                for c in range(0, len(running), plan.per_call):  # several set streams per block call
+                    chunk = running[c:c + plan.per_call]
+                    x = torch.cat([walk.candidates[name].to(device) for name in chunk])  # [len(chunk) * b, T, d]
+                    y = call_block(block, tile_call(walk.calls[j], rows, len(chunk), walk.memo), x)
+                    for i, name in enumerate(chunk):
+                        walk.candidates[name] = y[i * rows:(i + 1) * rows].to(plan.stream_device)
+                walk.dense = call_block(block, walk.calls[j], walk.dense.to(device)).to(plan.stream_device)
+            source.unload(j)
+        for b in group:
+            walk, walks[b] = walks[b], None
+            dense = apply_tail(tail, walk.dense.to(device))  # [b, T, d] final hidden states of the full model
+            for name in positions:
+                pruned = apply_tail(tail, walk.candidates[name].to(device))
+                _add(sums, name, cosine_distance_terms(pruned, dense, walk.mask))
+    return _set_result(sums)
+
+
+def set_distances(weights, input_ids, attention_mask, sets: dict[str, list[int]], batch_size: int = 4,
+                  device: str = "auto", dtype: torch.dtype | None = None,
+                  call_budget: int | None = None) -> dict[str, float]:
+    """{name: mean over tokens of 1 - cos(final hidden states without every block of the set, with all
+    blocks)}, the output scorer's criterion on whole sets; same values as naive_set_distances.
+
+    Streamed as `streamed_scores` is (one block's weights on `device` at a time, `weights` a model
+    folder or an nn.Module): each set costs the blocks after its first removed one. A model whose
+    forward cannot be replayed block by block is run whole instead, once per set.
+    """
+    source = open_source(weights, torch.device(resolve_device(device)), dtype)
+    try:
+        positions = _set_positions(source.model, sets)
+        with _eval_inference(source.model):
+            return _walk_sets(source, positions, input_ids, attention_mask, batch_size, source.device, call_budget)
+    except _Unstreamable as e:
+        problem = str(e)
+    finally:
+        source.close()
+    log.warning("Streamed removal-set distances unavailable for %s: %s; running the whole model.",
+                type(source.model).__name__, problem)
+    model = weights if isinstance(weights, nn.Module) else _load_whole(weights, source.device, dtype)
+    return naive_set_distances(model, input_ids, attention_mask, sets, batch_size)
+
+
+REMOVAL_RULES = (*SCORERS, "select")  # what CompressConfig.scorer may name
+
+
+def select_removal(distances: dict[str, float]) -> str:
+    """The proposing rule whose set moves the output least (ties: the one named first)."""
+    names = list(distances)
+    return min(names, key=lambda name: (distances[name], names.index(name)))

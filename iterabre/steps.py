@@ -114,26 +114,43 @@ def _mask(ids: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(ids)
 
 
-def score(model_dir: str | os.PathLike, data_path: str | os.PathLike, scorer: str, n: int,
-          device: str, dtype: str = "float32") -> dict:
-    """{"scores": {orig: importance}, "order": remaining original indices}; higher = more important.
+def score(model_dir: str | os.PathLike, data_path: str | os.PathLike, scorer: str, k: int,
+          device: str, dtype: str = "float32", select_from: str = "output,angular") -> dict:
+    """The k blocks to remove next and why: {"remove": original indices, "scores": {orig: importance},
+    "order": remaining original indices, "flops"}; higher score = more important.
 
-    `n` > 1 scores runs of n consecutive blocks, keyed by the run's first block. The model is
-    streamed from its folder one block at a time (`streamed_scores`), so it need not fit the device,
-    in `dtype` ('auto': the job's working dtype, models.working_dtype).
+    The angular scorer scores runs of k consecutive blocks, keyed by the run's first block, the
+    others single blocks. `select` scores with every rule of `select_from`, takes each one's k
+    blocks and removes the set whose removal as a whole moves the final hidden states least
+    (adds "candidates", "distances", "chosen"; "scores" are the first rule's). The model is
+    streamed from its folder one block at a time (`streamed_scores`, `set_distances`), so it
+    need not fit the device, in `dtype` ('auto': the job's working dtype, models.working_dtype).
     """
     from iterabre.devices import as_dtype, resolve_device
     from iterabre.flops import count_flops
     from iterabre.models import working_dtype
-    from iterabre.scorers import streamed_scores
+    from iterabre.planning import plan_removal
+    from iterabre.scorers import select_removal, set_distances, streamed_scores
 
     device = resolve_device(device)
     ids = load_data(data_path)["calib"]  # [N, T]
+    torch_dtype = as_dtype(working_dtype(dtype, device))
+    rules = [n.strip() for n in select_from.split(",") if n.strip()] if scorer == "select" else [scorer]
     with count_flops() as counted:  # "flops": from the shapes of every block matmul / attention call that ran
-        scores = streamed_scores(model_dir, ids, _mask(ids), scorer=scorer, n=n, device=device,
-                                 dtype=as_dtype(working_dtype(dtype, device)))
-    return {"scores": {int(i): float(s) for i, s in scores.items()}, "order": list(scores.order),
-            "flops": counted.total}
+        scored, picks = {}, {}
+        for rule in rules:
+            scored[rule] = streamed_scores(model_dir, ids, _mask(ids), scorer=rule, n=k if rule == "angular" else 1,
+                                           device=device, dtype=torch_dtype)
+            picks[rule] = plan_removal(scored[rule], k, rule, scored[rule].order)
+        distances = set_distances(model_dir, ids, _mask(ids), picks, device=device, dtype=torch_dtype) \
+            if scorer == "select" else {}
+    chosen = select_removal(distances) if distances else scorer
+    first = scored[rules[0]]
+    out = {"remove": picks[chosen], "scores": {int(i): float(v) for i, v in first.items()}, "order": list(first.order),
+           "flops": counted.total}
+    if distances:
+        out.update(candidates=picks, distances=distances, chosen=chosen)
+    return out
 
 
 def prune(model_dir: str | os.PathLike, remove: list[int], out_dir: str | os.PathLike) -> Path:

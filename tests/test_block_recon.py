@@ -339,3 +339,15 @@ def test_block_recon_heals_smollm2(smollm2_dir):
     assert gap_after < 0.9 * gap_before, (gap_before, gap_after)
     assert result.loss_after < result.loss_before
     assert dataclasses.asdict(cfg)["block_recon_buffer"] >= info["buffer_peak_tokens"]
+
+
+@pytest.mark.parametrize("removed, expected", [((2, 3), "reconstruct+kd"), ((1, 4), "block-recon+kd")])
+def test_auto_repairs_one_gap_by_least_squares_and_several_block_wise(removed, expected):
+    """`auto` runs reconstruct+kd when the removal is one contiguous run and block-recon+kd when it leaves
+    several gaps: the same weights as asking for that method, and the record says which ran."""
+    result, student, *_ = _run(removed=removed, method="auto", tokens=256, batch_size=4, lr=1e-3,
+                               reconstruct_tokens=8 * SEQ)
+    named, same, *_ = _run(removed=removed, method=expected, tokens=256, batch_size=4, lr=1e-3,
+                           reconstruct_tokens=8 * SEQ)
+    assert result.method == expected and result.extra["auto"] == expected and not result.aborted
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), same.state_dict().values()))

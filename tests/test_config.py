@@ -87,7 +87,12 @@ def test_valid_config_passes():
     dict(recovery=RecoveryConfig(method="magic")),
     dict(recovery=RecoveryConfig(lr=0.0)),
     dict(recovery=RecoveryConfig(method="reconstruct", reconstruct_tokens=-1)),
-    dict(calibration="self-generated", recovery=RecoveryConfig(method="reconstruct+kd")),  # how much to generate?
+    dict(calibration="self-generated",  # how much to generate?
+         recovery=RecoveryConfig(method="reconstruct+kd", reconstruct_tokens=0)),
+    dict(calibration="self-generated", recovery=RecoveryConfig(method="auto", reconstruct_tokens=0)),
+    dict(select_from="output,random"),
+    dict(scorer="select", select_from="output"),  # nothing to compare
+    dict(select_from="angular,angular"),
     dict(device="tpu"),
     dict(eval_limit=0.0),
 ])

@@ -167,6 +167,25 @@ def test_one_shot_angular_kd_runs_through_the_flow(tiny_model_dir, tmp_path):
     assert step["recovery"]["loss_after"] < step["recovery"]["loss_before"]
 
 
+def test_select_auto_removes_the_closer_set_and_repairs_by_its_gaps(tiny_model_dir, tmp_path):
+    """scorer=select: the step records both proposed sets and their distances and removes the smaller one;
+    recovery auto then runs the repair its gaps call for, and the report counts all scoring FLOPs."""
+    cfg = tiny_config(tiny_model_dir, tmp_path / "out", schedule="one-shot", target_layers=3, scorer="select",
+                      recovery=RecoveryConfig(method="auto", batch_size=4, lr=1e-3, reconstruct_tokens=64,
+                                              block_recon_tokens=64, block_recon_steps=2))
+    report = run_from_cli(cfg)
+    [step] = report["steps"]
+    assert set(step["candidates"]) == {"output", "angular"} and step["chosen"] in step["candidates"]
+    assert step["distances"][step["chosen"]] == min(step["distances"].values())
+    assert sorted(step["removed"]) == sorted(step["candidates"][step["chosen"]])
+    run = sorted(step["removed"])
+    one_gap = run == list(range(run[0], run[0] + 3))
+    assert step["recovery"]["extra"]["auto"] == ("reconstruct+kd" if one_gap else "block-recon+kd")
+    work = tmp_path / "out" / "work"
+    alone = steps.score(work / "base", work / "data.pt", "output", 3, "cpu")
+    assert step["score_flops"] > alone["flops"]  # output's pass, angular's and the sets' walk
+
+
 def test_bad_config_fails_before_any_compute(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(steps, "prepare_base", lambda *a, **k: pytest.fail("compute started"))
     with pytest.raises(IterabreError, match="scorer"):

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from iterabre.errors import IterabreError
-from iterabre.scorers import SCORERS, lowest_blocks, naive_scores, score_blocks
+from iterabre import scorers
+from iterabre.scorers import (SCORERS, lowest_blocks, naive_scores, naive_set_distances, score_blocks,
+                              select_removal, set_distances)
 from iterabre.surgery import original_indices, remove_blocks
 from iterabre.tiny import FAMILY_CONFIGS, tiny_model
 from conftest import assert_scores_close, padded_calib
@@ -157,3 +159,61 @@ def test_smollm2_fast_equals_naive_and_pruned_reload_generates(smollm2_dir, tmp_
     with torch.no_grad():
         expected = model.generate(prompt, use_cache=False, **kwargs)
         assert torch.equal(reloaded.generate(prompt, use_cache=True, **kwargs), expected)
+
+
+# ---------------------------------------------------------------- whole removal sets (select)
+
+SETS = {"run": [1, 2], "spread": [0, 5], "one": [3]}
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_streamed_set_distances_equal_naive(family, monkeypatch, caplog):
+    """The block walk gives the naive reference's distances (whole model rerun once per set) on every family,
+    without falling back to it."""
+    model = tiny_model(family, num_layers=6)
+    ids, mask = padded_calib()
+    want = naive_set_distances(model, ids, mask, SETS, batch_size=2)
+    monkeypatch.setattr(scorers, "naive_set_distances", lambda *a, **k: pytest.fail("fell back to naive"))
+    with caplog.at_level(logging.WARNING, logger="iterabre.scorers"):
+        got = set_distances(model, ids, mask, SETS, batch_size=2, device="cpu", call_budget=1)
+    assert_scores_close(got, want, atol=1e-5)
+    assert not caplog.records
+
+
+def test_set_distances_after_removal_take_original_indices():
+    """On an already pruned model the sets name original blocks; one block's set is its output score."""
+    model = remove_blocks(tiny_model("gemma2", num_layers=6), [1])
+    ids, mask = padded_calib()
+    got = set_distances(model, ids, mask, {"a": [2, 3], "b": [5]}, batch_size=2, device="cpu")
+    assert_scores_close(got, naive_set_distances(model, ids, mask, {"a": [2, 3], "b": [5]}, batch_size=2))
+    assert got["b"] == pytest.approx(naive_scores(model, ids, mask, scorer="output", batch_size=2)[5], abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_one_block_set_is_its_output_score_and_sets_are_joint(family):
+    """Removing one block moves the output by what the output scorer says; a pair is scored together, not as
+    the sum of its blocks' scores; the model keeps every block and weight afterwards."""
+    model = tiny_model(family, num_layers=6)
+    ids, mask = padded_calib()
+    before = [p.clone() for p in model.parameters()]
+    scores = naive_scores(model, ids, mask, scorer="output")
+    got = set_distances(model, ids, mask, {"0": [0], "3": [3], "5": [5], "pair": [1, 2]}, device="cpu")
+    for block in (0, 3, 5):
+        assert got[str(block)] == pytest.approx(scores[block], abs=1e-6)
+    assert got["pair"] > 0 and got["pair"] != pytest.approx(scores[1] + scores[2], abs=1e-4)
+    assert original_indices(model) == list(range(6))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("bad", [{"x": [9]}, {"x": []}, {"x": list(range(4))}])
+def test_bad_removal_set_is_refused(bad):
+    model = tiny_model("llama", num_layers=4)
+    ids, mask = padded_calib()
+    with pytest.raises(IterabreError, match="proper subset"):
+        set_distances(model, ids, mask, bad, device="cpu")
+
+
+def test_select_takes_the_smallest_distance_ties_to_the_first_named():
+    assert select_removal({"output": 0.2, "angular": 0.1}) == "angular"
+    assert select_removal({"output": 0.1, "angular": 0.1}) == "output"
+    assert select_removal({"angular": 0.1, "output": 0.1}) == "angular"
