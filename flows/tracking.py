@@ -229,6 +229,11 @@ def log_step(job: Job, record: dict, checkpoint: str | None) -> str:
     client.log_param(run_id, "teacher", teacher)
     if record.get("budget") is not None:
         client.log_param(run_id, "budget", str(record["budget"]))
+    if record.get("chosen"):  # scorer=select: which rule's set went, and every proposed set's distance
+        client.log_param(run_id, "select_chosen", record["chosen"])
+        _log_metrics(client, run_id, {f"select/distance_{rule}": d for rule, d in record["distances"].items()})
+    if rec_method := record["recovery"].get("extra", {}).get("auto"):  # recovery=auto: the method it ran
+        client.log_param(run_id, "recovery_auto", rec_method)
     rec = record["recovery"]
     _log_metrics(client, run_id, {f"score/block_{i}": s for i, s in record["scores"].items()})
     _log_metrics(client, run_id, {"num_layers": record["num_layers"], **_metrics("eval/", record["eval"]),

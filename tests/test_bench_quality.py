@@ -262,6 +262,44 @@ def test_planned_reconstruct_kd_flops_match_what_the_flow_measures(tiny_model_di
     assert unit["total_flops"] <= s["flops"]
 
 
+def test_select_auto_runs_as_planned_through_the_flow(tiny_model_dir, tmp_path, monkeypatch):
+    """select-auto: the plan's scoring bounds what the flow's passes and set walk ran (the walk's sets are
+    predicted at their longest), its recovery is the method the chosen set's gaps call for, and the flow
+    removes the set the bench scored beforehand."""
+    s, _ = _tiny_equal(tiny_model_dir, tmp_path, monkeypatch)
+    name = "select-auto@reconstruct_tokens=64"  # a fit this tiny budget affords, if the set is one run
+    removed = quality._oneshot_removal(s, {}, tmp_path, "select", like=name)
+    unit = quality.equal_unit(name, s, tmp_path, removed)
+    plan = unit["plan"]
+    sh = quality.shapes(s["model"], s["seq_len"])
+    calib, L, k = s["calib_tokens"], sh.layers, s["blocks"]
+    rules = sum(quality.scoring_flops(sh, s, r, "one-shot") for r in quality.SELECT_FROM.split(","))
+    walk_bound = calib * (L + 2 * (L - k)) * sh.blk  # dense stream + each set's stream after its first block
+    assert plan["scoring"] == rules + walk_bound
+    assert rules + calib * L * sh.blk <= unit["scoring_flops"] <= plan["scoring"] + sh.blk * calib // 10
+    assert unit["removed"] == removed and plan["recovery"]["method"] == "auto"
+    gaps = len(quality._units(sh, removed))
+    assert plan["method"] == ("reconstruct+kd" if gaps == 1 else "block-recon+kd")
+    assert unit["total_flops"] <= s["flops"] * 1.01
+
+
+def test_select_auto_is_sized_by_the_gaps_of_its_removal():
+    """One contiguous run: planned as reconstruct+kd with the library's fit size; a scattered set: as
+    block-recon+kd; the bench's select_from is the library's."""
+    from iterabre.config import CompressConfig, RecoveryConfig
+
+    s = {"model": "smollm2-135m", "blocks": 6, "calib_tokens": 1024, "seq_len": 128, "kd_batch_size": 4,
+         "equal_kd_tokens": 24576}
+    s["flops"] = quality.reference_flops(s)
+    run = quality.equal_plan("select-auto@lr=2e-4", s, list(range(13, 19)))
+    spread = quality.equal_plan("select-auto@lr=2e-4", s, [17, 14, 13, 12, 7, 5])
+    assert run["method"] == "reconstruct+kd" and run["recovery"]["reconstruct_tokens"] == RecoveryConfig().reconstruct_tokens
+    assert spread["method"] == "block-recon+kd" and spread["recovery"]["block_recon_steps"] > 0
+    assert run["scoring"] == spread["scoring"] > quality.scoring_flops(quality.shapes(s["model"], 128), s, "output",
+                                                                       "one-shot")
+    assert quality.SELECT_FROM == CompressConfig().select_from
+
+
 def test_a_recipes_own_calibration_size_is_planned_as_the_flow_runs_it(tiny_model_dir, tmp_path, monkeypatch):
     """`@calibration_tokens=N` scores on N tokens (and the flow's held-out set grows with it): the plan's
     scoring and recovery FLOPs are what the flow measured, and the larger scoring leaves less recovery."""

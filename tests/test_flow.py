@@ -184,6 +184,12 @@ def test_select_auto_removes_the_closer_set_and_repairs_by_its_gaps(tiny_model_d
     work = tmp_path / "out" / "work"
     alone = steps.score(work / "base", work / "data.pt", "output", 3, "cpu")
     assert step["score_flops"] > alone["flops"]  # output's pass, angular's and the sets' walk
+    client = _client()
+    parent = client.get_run(report["mlflow_run_id"])
+    [child] = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert child.data.params["select_chosen"] == step["chosen"]
+    assert child.data.params["recovery_auto"] == step["recovery"]["extra"]["auto"]
+    assert child.data.metrics["select/distance_angular"] == pytest.approx(step["distances"]["angular"])
 
 
 def test_bad_config_fails_before_any_compute(tiny_model_dir, tmp_path, monkeypatch):
