@@ -11,6 +11,7 @@ given the alias `champion` or `challenger` by flows/registry.py (never stages).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -268,8 +269,9 @@ def register_final(job: Job, report: dict) -> dict:
     if version is None:
         model_id = _logged_model_id(job) or log_final_model(job, final_dir)
         _ensure_registered_model(client, name)
-        version = client.create_model_version(name, source=f"models:/{model_id}", run_id=job.run_id, tags=tags,
-                                              model_id=model_id).version
+        with _global_store(client):
+            version = client.create_model_version(name, source=f"models:/{model_id}", run_id=job.run_id, tags=tags,
+                                                  model_id=model_id).version
     version = str(version)
     gates = report["promotion"]["alias"], list(report["promotion"]["reasons"])
     alias, reasons = registry.choose_alias(client, name, version, gates, tags)
@@ -278,6 +280,18 @@ def register_final(job: Job, report: dict) -> dict:
         client.set_tag(job.run_id, k, v)
     return {"name": name, "version": int(version), "alias": alias, "reasons": reasons,
             "uri": f"models:/{name}@{alias}", "version_uri": f"models:/{name}/{version}"}
+
+
+@contextlib.contextmanager
+def _global_store(client):
+    """MLflow's SQL registry looks a `models:/<id>` source up through a new client on the *global* tracking
+    URI (its own TODO in create_model_version), whose default is ./mlflow.db of the working directory: a
+    job started anywhere but the repository root would not find its logged model. So the global URI is
+    the job's store for that one call, and is put back after (mlflow's own context manager)."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(client.tracking_uri):
+        yield
 
 
 def _ensure_registered_model(client, name: str) -> None:

@@ -155,6 +155,21 @@ def test_a_half_logged_model_is_replaced_on_resume(final_dir, tmp_path):
     assert client.get_model_version(done["name"], str(done["version"])).source == f"models:/{left[0].model_id}"
 
 
+def test_registration_finds_its_model_from_any_working_directory(final_dir, tmp_path, monkeypatch):
+    """MLflow resolves a `models:/<id>` source through its global tracking URI, which defaults to ./mlflow.db of
+    the working directory: a job whose store is elsewhere still registers its model, and the global URI is left
+    unset."""
+    from mlflow.tracking._tracking_service import utils
+
+    store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # mlflow's default: sqlite:///mlflow.db in the working directory
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    done = register(tracking.connect(store), tmp_path, report_for(final_dir, "anywhere", 20.0, 0.7))
+    assert done["version"] == 1 and utils._tracking_uri is None
+    assert tracking.connect(store).get_model_version(done["name"], "1").run_id == done["run_id"]
+
+
 # ---------------------------------------------------------------- bad input (embedded SQLite store)
 
 @pytest.fixture
