@@ -48,8 +48,9 @@ $(DATA_STAMP): data.dvc | $(STAMP)
 $(MODEL_STAMP): | $(STAMP)
 	$(BIN)/iterabre models pull smollm2-135m
 
-# `iterabre compress`'s default recipe (one-shot output scoring, block-wise reconstruction at each gap, then
-# KD: best measured at equal compute, docs/BENCHMARKS.md §5) at demo sizes.
+# `iterabre compress`'s default recipe (one-shot: the output scorer's or angular's blocks, whichever moves the
+# output less, then the repair their gaps call for and KD: best measured at equal compute, docs/BENCHMARKS.md §5)
+# at demo sizes.
 DEMO_ARGS ?= --model smollm2-135m --target-layers 27 --recovery-tokens 6144 --calibration-tokens 1024 --eval-limit 0.02 --output outputs/demo
 
 demo: setup

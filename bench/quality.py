@@ -396,7 +396,7 @@ def recipe(name: str) -> tuple[tuple[str, str, str, str], dict]:
     return EQUAL_RECIPES[base], overrides
 
 
-DEFAULT_RECIPE = "oneshot-block-recon+kd@lr=2e-4"  # `iterabre compress`'s defaults (tests/test_bench_quality.py
+DEFAULT_RECIPE = "select-auto@lr=2e-4"  # `iterabre compress`'s defaults (tests/test_bench_quality.py
 #                                                   holds them equal; recipes without @lr= train at common.TABLE_LR)
 
 

@@ -250,12 +250,14 @@ def equal_seeds(files: list[dict]) -> str:
     runs = _feasible(files)
     order = list(EQUAL_RECIPES)  # recipes in their table order, each followed by its @ variants
     names = sorted({k for r in runs for k in r}, key=lambda k: (order.index(k.split("@")[0]), k))
-    ref, rows = DEFAULT_RECIPE, []
+    # Δ is against the default; a set it did not run on compares with the recipe it runs on a scattered removal.
+    ref = next((k for k in (DEFAULT_RECIPE, DEPTH_RECIPES[0]) if any(k in r for r in runs)), DEFAULT_RECIPE)
+    rows = []
     for k in names:
         got = [r[k] for r in runs if k in r]
         (scorer, schedule, method, when), overrides = recipe(k)
         d_ppl, d_blimp = _paired(runs, k, ref, "wikitext_word_ppl"), _paired(runs, k, ref, "blimp_acc")
-        rows.append([f"**{k}**" if k == ref else k, scorer, schedule, method + (" at the end" if when == "end" and
+        rows.append([f"**{k}**" if k == DEFAULT_RECIPE else k, scorer, schedule, method + (" at the end" if when == "end" and
                      schedule == "iterative" else "") + _knobs(overrides), len(got),
                      sum(u["total_flops"] for u in got) / len(got) / files[0]["settings"]["flops"],
                      _msd([u["kd_tokens"] for u in got], 0), _msd([u["wikitext_word_ppl"] for u in got], 1),
@@ -652,8 +654,10 @@ def _kind(name: str) -> str:
 
 
 EQUAL_DEPTHS = ("quality-equal-6b", "quality-equal-8b", "quality-equal-10b")  # the depth table's seed sets
-# Its columns after the default: the published baselines, then least squares + KD on angular's run (run at every depth).
-DEPTH_RECIPES = ("shortgpt-kd@lr=2e-4", "angular-kd@lr=2e-4", "iterabre", "angular-reconstruct+kd@lr=2e-4")
+# Its columns after the default: the two recipes `select-auto` chooses between (run at every depth), then the
+# published baselines.
+DEPTH_RECIPES = ("oneshot-block-recon+kd@lr=2e-4", "angular-reconstruct+kd@lr=2e-4@reconstruct_tokens=16384",
+                 "shortgpt-kd@lr=2e-4", "angular-kd@lr=2e-4", "iterabre")
 
 
 def equal_depths(sets: list[list[dict]]) -> str:

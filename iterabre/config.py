@@ -36,11 +36,11 @@ def knob(default, help: str, choices: tuple | str | None = None):
 class RecoveryConfig:
     """How one recovery (healing) phase trains the pruned student."""
 
-    method: str = knob("block-recon+kd", "Recovery method: none | kd | lora-kd | reconstruct | reconstruct+kd | "
-                                         "block-recon | block-recon+kd (block-wise reconstruction at each gap, "
-                                         "then KD: best measured at equal compute, docs/BENCHMARKS.md §5) | auto "
-                                         "(reconstruct+kd when the removal leaves one gap, block-recon+kd when it "
-                                         "leaves several).",
+    method: str = knob("auto", "Recovery method: none | kd | lora-kd | reconstruct | reconstruct+kd | "
+                               "block-recon | block-recon+kd (block-wise reconstruction at each gap, then KD) | "
+                               "auto (reconstruct+kd when the removal leaves one gap, block-recon+kd when it "
+                               "leaves several: each the best measured for its kind of removal at equal compute, "
+                               "docs/BENCHMARKS.md §5).",
                        "iterabre.recovery:RECOVERY_METHODS")
     tokens: int = knob(4096, "Token budget of this phase; the loop sets it from the total budget.")
     batch_size: int = knob(4, "Recovery sequences per micro-batch.")
@@ -93,12 +93,12 @@ class CompressConfig:
     revision: str | None = knob(None, "Hub revision (commit or tag) when the model is a hub id.")
     target_layers: int | None = knob(None, "Blocks to keep at the end (or give a target ratio).")
     target_ratio: float | None = knob(None, "Fraction of blocks to keep, e.g. 0.8.")
-    scorer: str = knob("output", "How blocks are scored: output (IteRABRe: how little the final hidden states "
-                                 "change without the block; best measured at equal compute with block-recon+kd, "
-                                 "docs/BENCHMARKS.md §5) | angular (the contiguous run whose input and output are "
-                                 "closest) | block-influence (ShortGPT) | perplexity (SLEB) | select (each rule "
-                                 "of select_from proposes its set; the set whose removal as a whole changes the "
-                                 "final hidden states least is removed).",
+    scorer: str = knob("select", "How blocks are chosen: output (IteRABRe: how little the final hidden states "
+                                 "change without the block) | angular (the contiguous run whose input and output "
+                                 "are closest) | block-influence (ShortGPT) | perplexity (SLEB) | select (each "
+                                 "scorer of select_from proposes its blocks; the set whose removal as a whole "
+                                 "changes the final hidden states least goes: best measured at equal compute with "
+                                 "recovery auto, docs/BENCHMARKS.md §5).",
                        "iterabre.scorers:REMOVAL_RULES")
     select_from: str = knob("output,angular", "select: comma list of the scorers whose removals are compared "
                                               "(ties go to the one named first).")

@@ -533,13 +533,19 @@ def recovery_parts(m: ModelCounts, job: Job, checkpointing: bool) -> tuple[dict[
     if job.fsdp and job.num_processes > 1:  # blocks all-gathered for compute (current + prefetched)
         gathered = 2 * m.block_params * wb + m.root_params * wb
         parts["all-gathered blocks (FSDP)"] = 2 * gathered if n_train else gathered  # teacher's and student's
-    if job.method.startswith("reconstruct") or job.method == "auto":  # auto may fit by least squares
-        parts["least-squares statistics (float64)"] = reconstruct_stats(m)
     root_trainable = m.root_params if mode == "all" else 0
     modes = block_modes(job, student_blocks, removed)
-    moments = _moments(m, job, checkpointing, n_train, modes, root_trainable)
+    held = _moments(m, job, checkpointing, 0, modes, root_trainable)["held-out check"]  # a no-grad forward
+    moments = {name: {**parts, **extra} for name, extra in
+               _moments(m, job, checkpointing, n_train, modes, root_trainable).items()}
+    if job.method.startswith("reconstruct") or job.method == "auto":  # auto may fit by least squares
+        # The fit runs before any weight trains and frees its statistics before KD: both models in the
+        # working dtype, a no-grad forward of a captured batch, the float64 Gram matrices of one down_proj.
+        fit = {k: v for k, v in parts.items() if k in ("runtime", "teacher", "all-gathered blocks (FSDP)")}
+        moments["least-squares fit"] = {**fit, "student": _sharded(wb * student, job), **held,
+                                        "least-squares statistics (float64)": reconstruct_stats(m)}
     name = max(moments, key=lambda k: sum(moments[k].values()))
-    return {**parts, **moments[name]}, name
+    return moments[name], name
 
 
 def recovery_phase(m: ModelCounts, job: Job, checkpointing: bool) -> PhaseEstimate:

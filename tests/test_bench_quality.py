@@ -378,14 +378,16 @@ def test_depth_table_bolds_the_lowest_perplexity_and_names_what_did_not_run():
     import render
 
     ref, short, ang = quality.DEFAULT_RECIPE, "shortgpt-kd@lr=2e-4", "angular-kd@lr=2e-4"
-    six = [_seed_file(k, {ref: 48.0 + k, short: 49.0, ang: 47.0, "iterabre": 60.0},
-                      {ref: 0.71, short: 0.70, ang: 0.73, "iterabre": 0.68}) for k in (0, 1)]
-    lsq = "angular-reconstruct+kd@lr=2e-4"
+    assert render.DEPTH_RECIPES[2:] == (short, ang, "iterabre")  # the columns checked below
+    brk, lsq = render.DEPTH_RECIPES[:2]
+    six = [_seed_file(k, {ref: 48.0 + k, brk: 50.0, short: 49.0, ang: 47.0, "iterabre": 60.0},
+                      {ref: 0.71, brk: 0.7, short: 0.70, ang: 0.73, "iterabre": 0.68}) for k in (0, 1)]
     ten = [_seed_file(0, {ref: 70.0, ang: 100.0, lsq: 90.0}, {ref: 0.67, ang: 0.66, lsq: 0.6})]
     lines = render.equal_depths([six, ten]).splitlines()
-    assert lines[2] == "| 6 of 30 (2 seeds) | 48.5 ± 0.7 / 0.710 | 49.0 ± 0.0 / 0.700 | **47.0 ± 0.0 / 0.730** | " \
-                       "60.0 ± 0.0 / 0.680 | not run |"
-    assert lines[3] == "| 6 of 30 (1 seed) | **70.0 / 0.670** | not run | 100.0 / 0.660 | not run | 90.0 / 0.600 |"
+    assert lines[2] == "| 6 of 30 (2 seeds) | 48.5 ± 0.7 / 0.710 | 50.0 ± 0.0 / 0.700 | not run | " \
+                       "49.0 ± 0.0 / 0.700 | **47.0 ± 0.0 / 0.730** | 60.0 ± 0.0 / 0.680 |"
+    assert lines[3] == "| 6 of 30 (1 seed) | **70.0 / 0.670** | not run | 90.0 / 0.600 | not run | 100.0 / 0.660 | " \
+                       "not run |"
 
 
 def test_equal_seeds_table_states_whether_the_default_beats_each_baseline():
@@ -409,3 +411,7 @@ def test_equal_seeds_table_states_whether_the_default_beats_each_baseline():
     assert nested.startswith(f"  - {low} vs iterabre (2 seeds): perplexity 12.5 better")
     assert "perplexity 5.5 ± 0.7" in lines["- Iterative vs one-shot, output scorer and kd"]  # iterabre - oneshot-kd
     assert "| 40.5 ± 0.7 |" in text  # the default's mean ± sd
+    other = render.DEPTH_RECIPES[0]  # a set the default did not run on: Δ against the block-recon recipe
+    files = [_seed_file(k, {other: 40.0 + k, "iterabre": 50.0}, {other: 0.71, "iterabre": 0.70}) for k in (0, 1)]
+    text = render.equal_seeds(files)
+    assert f"Δ = recipe − {other} on the same seed" in text and f"- {other} vs iterabre (2 seeds)" in text

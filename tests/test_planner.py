@@ -297,3 +297,17 @@ def test_check_plan_skips_without_a_local_config():
     from iterabre.config import CompressConfig
 
     assert planner.check_plan(CompressConfig(model="some-org/never-fetched", target_layers=4, device="cpu")) is None
+
+
+def test_least_squares_statistics_are_a_moment_of_their_own_not_added_to_kd():
+    """reconstruct+kd / auto fit before any weight trains and free the float64 statistics before KD: the recovery
+    peak is the larger of the fit and KD's own peak, never their sum; the fit alone (reconstruct) peaks there."""
+    m = planner.counts_for(str(REPO / "configs" / "models" / "llama-3.1-8b"))
+    job = lambda method: planner.Job(target_layers=24, method=method, device="cuda")  # noqa: E731
+    kd, kd_moment = planner.recovery_parts(m, job("block-recon+kd"), False)
+    for method in ("auto", "reconstruct+kd"):
+        parts, moment = planner.recovery_parts(m, job(method), False)
+        assert (parts, moment) == (kd, kd_moment)  # KD's peak is the larger one for a full-weight 8B student
+    fit, moment = planner.recovery_parts(m, job("reconstruct"), False)
+    assert moment == "least-squares fit" and fit["least-squares statistics (float64)"] == planner.reconstruct_stats(m)
+    assert "optimizer (AdamW, 2 fp32 states)" not in fit
