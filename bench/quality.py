@@ -468,7 +468,9 @@ def scoring_flops(sh: Shapes, s: dict, scorer: str, schedule: str) -> int:
                 "perplexity": lambda L: (L + L * (L - 1) // 2) * sh.blk + L * sh.head}
     if scorer == "select":  # every proposing rule, then the dense stream and each set's stream (the blocks after
         #                     its first removed one: at most L - k, the bound predicted here)
-        rules = SELECT_FROM.split(",")
+        from iterabre.config import select_rules
+
+        rules = select_rules(SELECT_FROM)
         k = s["blocks"] if schedule == "one-shot" else 1
         return sum(calib * (sum(per_pass[r](L) for r in rules) + (L + len(rules) * (L - k)) * sh.blk)
                    for L in depths)

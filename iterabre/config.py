@@ -274,11 +274,16 @@ def _check_processes(cfg: CompressConfig, device: str) -> None:
                                 "pass --num-processes at most the number of GPUs (one process per GPU)")
 
 
+def select_rules(select_from: str) -> list[str]:
+    """The scorer names of a select_from value, in order."""
+    return [n.strip() for n in select_from.split(",") if n.strip()]
+
+
 def _check_select(cfg: CompressConfig) -> None:
     """select_from names two or more distinct scorers (not `select` itself)."""
     from iterabre.scorers import SCORERS
 
-    names = [n.strip() for n in cfg.select_from.split(",") if n.strip()]
+    names = select_rules(cfg.select_from)
     bad = [n for n in names if n not in SCORERS]
     if bad or len(set(names)) != len(names) or (cfg.scorer == "select" and len(names) < 2):
         raise IterabreError(f"select_from={cfg.select_from!r} must name two or more distinct scorers"

@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iterabre.config import CALIBRATIONS, CompressConfig, RecoveryConfig, one_of
+from iterabre.config import CALIBRATIONS, CompressConfig, RecoveryConfig, one_of, select_rules
 from iterabre.devices import available_ram
 from iterabre.errors import IterabreError
 
@@ -450,7 +450,7 @@ def score_phase(m: ModelCounts, job: Job) -> PhaseEstimate:
     from iterabre.streaming import memory_parts
 
     size = BYTES[working_dtype(job)]
-    rules = [r.strip() for r in job.select_from.split(",") if r.strip()] if job.scorer == "select" else [job.scorer]
+    rules = select_rules(job.select_from) if job.scorer == "select" else [job.scorer]
     passes = [(r, job.blocks_per_step if r == "angular" else 1) for r in rules]  # angular scores runs of k blocks
     if job.scorer == "select":  # then the sets' walk: the dense stream + one per set, like a pair scorer's n + 1
         passes.append(("block-influence", len(rules)))

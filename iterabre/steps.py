@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from iterabre.config import CompressConfig, RecoveryConfig
+from iterabre.config import CompressConfig, RecoveryConfig, select_rules
 from iterabre.errors import IterabreError
 from iterabre.files import atomic_dir, save_torch
 from iterabre.paths import SOURCE_FILE
@@ -135,7 +135,7 @@ def score(model_dir: str | os.PathLike, data_path: str | os.PathLike, scorer: st
     device = resolve_device(device)
     ids = load_data(data_path)["calib"]  # [N, T]
     torch_dtype = as_dtype(working_dtype(dtype, device))
-    rules = [n.strip() for n in select_from.split(",") if n.strip()] if scorer == "select" else [scorer]
+    rules = select_rules(select_from) if scorer == "select" else [scorer]
     with count_flops() as counted:  # "flops": from the shapes of every block matmul / attention call that ran
         scored, picks = {}, {}
         for rule in rules:

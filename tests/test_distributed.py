@@ -225,19 +225,21 @@ def test_fsdp2_in_two_processes_matches_one(work):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_block_recon_kd_in_two_processes_matches_one(work, fsdp):
-    """block-recon+kd: every process repairs the gap block alike on the whole windows, then
-    KD is shared as for kd; the result equals one process's."""
+@pytest.mark.parametrize("method, fsdp", [("block-recon+kd", False), ("block-recon+kd", True), ("auto", True)])
+def test_block_recon_kd_in_two_processes_matches_one(work, method, fsdp):
+    """block-recon+kd (and the default auto, which on this one gap fits by least squares): every process
+    repairs the gap block alike on the whole windows, then KD is shared as for kd; the result equals one
+    process's."""
     root, data, _ = work
-    rec = {**RECOVERY, "method": "block-recon+kd", "block_recon_steps": 4, "block_recon_batch_size": 2}
-    one = steps.recover(root / "student", root / "teacher", data, rec, [2], (0, 16), root / "default-one", "cpu")
-    out = root / f"default-two-{fsdp}"
+    rec = {**RECOVERY, "method": method, "block_recon_steps": 4, "block_recon_batch_size": 2}
+    one = steps.recover(root / "student", root / "teacher", data, rec, [2], (0, 16), root / f"{method}-one", "cpu")
+    out = root / f"{method}-two-{fsdp}"
     two = steps.recover(root / "student", root / "teacher", data, rec, [2], (0, 16), out, "cpu",
                         num_processes=2, fsdp=fsdp)
-    assert two["method"] == one["method"] == "block-recon+kd" and two["world_size"] == 2
+    expected = "reconstruct+kd" if method == "auto" else method
+    assert two["method"] == one["method"] == expected and two["world_size"] == 2
     assert len(set(two["rank_digests"])) == 1  # the processes agree
-    ref, got = load_file(root / "default-one" / "model.safetensors"), load_file(out / "model.safetensors")
+    ref, got = load_file(root / f"{method}-one" / "model.safetensors"), load_file(out / "model.safetensors")
     assert max(float((got[k] - ref[k]).abs().max()) for k in ref) < WEIGHT_TOL
     assert two["loss_after"] == pytest.approx(one["loss_after"], abs=LOSS_ATOL)
 
