@@ -286,12 +286,18 @@ def register_final(job: Job, report: dict) -> dict:
 def _global_store(client):
     """MLflow's SQL registry looks a `models:/<id>` source up through a new client on the *global* tracking
     URI (its own TODO in create_model_version), whose default is ./mlflow.db of the working directory: a
-    job started anywhere but the repository root would not find its logged model. So the global URI is
-    the job's store for that one call, and is put back after (mlflow's own context manager)."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    with _use_tracking_uri(client.tracking_uri):
+    job started anywhere but the repository root would not find its logged model. So MLFLOW_TRACKING_URI,
+    which that global URI falls back to, names the job's store for that one call and is put back after
+    (mlflow.set_tracking_uri would not do: setting it back to unset also deletes the variable)."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = client.tracking_uri
+    try:
         yield
+    finally:
+        if saved is None:
+            del os.environ["MLFLOW_TRACKING_URI"]
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def _ensure_registered_model(client, name: str) -> None:

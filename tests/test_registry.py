@@ -157,8 +157,10 @@ def test_a_half_logged_model_is_replaced_on_resume(final_dir, tmp_path):
 
 def test_registration_finds_its_model_from_any_working_directory(final_dir, tmp_path, monkeypatch):
     """MLflow resolves a `models:/<id>` source through its global tracking URI, which defaults to ./mlflow.db of
-    the working directory: a job whose store is elsewhere still registers its model, and the global URI is left
-    unset."""
+    the working directory: a job whose store is elsewhere still registers its model, and the global URI and
+    the environment are left as they were."""
+    import os
+
     from mlflow.tracking._tracking_service import utils
 
     store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
@@ -166,7 +168,7 @@ def test_registration_finds_its_model_from_any_working_directory(final_dir, tmp_
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     done = register(tracking.connect(store), tmp_path, report_for(final_dir, "anywhere", 20.0, 0.7))
-    assert done["version"] == 1 and utils._tracking_uri is None
+    assert done["version"] == 1 and utils._tracking_uri is None and "MLFLOW_TRACKING_URI" not in os.environ
     assert tracking.connect(store).get_model_version(done["name"], "1").run_id == done["run_id"]
 
 
@@ -360,3 +362,15 @@ def test_mlflow_models_serve_answers_over_http(server_client, mlflow_server, fin
     finally:
         stop_process_group(proc, timeout=20)
         log.close()
+
+
+def test_registration_leaves_the_users_tracking_variable_as_it_was(final_dir, tmp_path, monkeypatch):
+    """A job whose client is on another store than MLFLOW_TRACKING_URI names registers there and leaves the
+    variable untouched."""
+    import os
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'users.db'}")
+    store = f"sqlite:///{tmp_path / 'jobs.db'}"
+    done = register(tracking.connect(store), tmp_path, report_for(final_dir, "kept", 20.0, 0.7))
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'users.db'}"
+    assert tracking.connect(store).get_model_version(done["name"], "1").run_id == done["run_id"]
