@@ -282,8 +282,8 @@ def test_block_recon_in_the_flow_after_every_removal(tiny_model_dir, tmp_path):
 
 
 def test_the_default_recipe_runs_through_the_flow(tiny_model_dir, tmp_path):
-    """`iterabre compress` with no recipe options: one output scoring pass, every block removed at once,
-    then block-wise reconstruction and KD in one recovery phase."""
+    """`iterabre compress` with no recipe options: one select step (output's and angular's sets compared),
+    every block removed at once, then the repair the removal's gaps call for and KD in one recovery phase."""
     from flows.compress import run_from_cli
     from iterabre.config import CompressConfig
 
@@ -293,9 +293,11 @@ def test_the_default_recipe_runs_through_the_flow(tiny_model_dir, tmp_path):
     report = run_from_cli(cfg, max_ppl_ratio=1e9, min_blimp_retained=0.0)
     [step] = report["steps"]
     assert len(step["removed"]) == 2 and report["final_num_layers"] == 4
+    assert set(step["distances"]) == {"output", "angular"} and step["removed"] == step["candidates"][step["chosen"]]
     rec = step["recovery"]
-    assert rec["method"] == "block-recon+kd" and rec["tokens"] == 256 and rec["extra"]["block_recon"]["units"]
-    assert rec["loss_after"] < rec["loss_before"]
+    one_gap = max(step["removed"]) - min(step["removed"]) == 1
+    assert rec["method"] == rec["extra"]["auto"] == ("reconstruct+kd" if one_gap else "block-recon+kd")
+    assert rec["tokens"] == 256 and rec["loss_after"] < rec["loss_before"]
 
 
 def test_self_generated_calibration_through_the_flow(tiny_model_dir, tmp_path, monkeypatch):
