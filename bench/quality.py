@@ -596,8 +596,9 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
     "feasible"}; `removed` (the one-shot removal, same for every one-shot recipe) sizes reconstruct and block-recon.
     """
     sh = shapes(s["model"], s["seq_len"])
-    (scorer, schedule, method, when), overrides = recipe(name)
-    if method == "auto":  # sized as the method it will run on this removal's gaps
+    (scorer, schedule, named, when), overrides = recipe(name)
+    method = named
+    if named == "auto":  # sized as the method it will run on this removal's gaps
         from iterabre.recovery import auto_method
 
         method = auto_method(len(_units(sh, removed)))
@@ -606,10 +607,10 @@ def equal_plan(name: str, s: dict, removed: list[int] | None) -> dict:
     which = overrides.get("block_recon_blocks", _rc_default("block_recon_blocks"))
     scoring, Ls = scoring_flops(sh, s, scorer, schedule), sh.layers - s["blocks"]
     fit = overrides.get("reconstruct_tokens",  # reconstruct+kd: block-recon's size; auto: the library's default
-                        _rc_default("reconstruct_tokens" if recipe(name)[0][2] == "auto" else "block_recon_tokens"))
-    generated = generation_flops(sh, s, recipe(name)[0][2], job.get("calibration", "wikitext"), reconstruct_tokens=fit)
+                        _rc_default("reconstruct_tokens" if named == "auto" else "block_recon_tokens"))
+    generated = generation_flops(sh, s, named, job.get("calibration", "wikitext"), reconstruct_tokens=fit)
     left, mb = s["flops"] - scoring - generated, s["kd_batch_size"] * s["seq_len"]
-    rec = {"method": recipe(name)[0][2], "batch_size": s["kd_batch_size"], "lr": common.TABLE_LR,
+    rec = {"method": named, "batch_size": s["kd_batch_size"], "lr": common.TABLE_LR,
            **{k: v for k, v in overrides.items() if k not in JOB_KNOBS + PLAN_KNOBS}}
     share = overrides.get("kd_share", KD_SHARE)
     tokens, spent = 0, 0

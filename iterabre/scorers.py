@@ -372,16 +372,20 @@ def _prepare_walks(model, batches, rule: Scorer, stream_device) -> list[_Walk]:
     return walks
 
 
-def _advance_candidates(block, walk: _Walk, j: int, n: int, per_call: int, device, stream_device) -> None:
-    """Block j on every candidate stream that has already skipped its run, `per_call` streams per call."""
-    active = [p for p in walk.candidates if p + n <= j]
+def _call_streams(block, walk: _Walk, j: int, keys: list, per_call: int, device, stream_device) -> None:
+    """Block j on the candidate streams `keys` of this batch, `per_call` streams stacked per block call."""
     rows = walk.ids.shape[0]
-    for c in range(0, len(active), per_call):
-        chunk = active[c:c + per_call]
-        x = torch.cat([walk.candidates[p].to(device) for p in chunk])  # [len(chunk) * b, T, d]
+    for c in range(0, len(keys), per_call):
+        chunk = keys[c:c + per_call]
+        x = torch.cat([walk.candidates[key].to(device) for key in chunk])  # [len(chunk) * b, T, d]
         y = call_block(block, tile_call(walk.calls[j], rows, len(chunk), walk.memo), x)
-        for i, p in enumerate(chunk):
-            walk.candidates[p] = y[i * rows:(i + 1) * rows].to(stream_device)
+        for i, key in enumerate(chunk):
+            walk.candidates[key] = y[i * rows:(i + 1) * rows].to(stream_device)
+
+
+def _advance_candidates(block, walk: _Walk, j: int, n: int, per_call: int, device, stream_device) -> None:
+    """Block j on every candidate stream that has already skipped its run."""
+    _call_streams(block, walk, j, [p for p in walk.candidates if p + n <= j], per_call, device, stream_device)
 
 
 def _block_step(block, walk: _Walk, j: int, rule: Scorer, n: int, plan, device, sums) -> None:
@@ -563,13 +567,7 @@ def _walk_sets(source, positions: dict[str, frozenset[int]], input_ids, attentio
                     if j in skip and name not in walk.candidates:
                         walk.candidates[name] = walk.dense
                 running = [name for name in walk.candidates if j not in positions[name]]
-                rows = walk.ids.shape[0]
-                for c in range(0, len(running), plan.per_call):  # several set streams per block call
-                    chunk = running[c:c + plan.per_call]
-                    x = torch.cat([walk.candidates[name].to(device) for name in chunk])  # [len(chunk) * b, T, d]
-                    y = call_block(block, tile_call(walk.calls[j], rows, len(chunk), walk.memo), x)
-                    for i, name in enumerate(chunk):
-                        walk.candidates[name] = y[i * rows:(i + 1) * rows].to(plan.stream_device)
+                _call_streams(block, walk, j, running, plan.per_call, device, plan.stream_device)
                 walk.dense = call_block(block, walk.calls[j], walk.dense.to(device)).to(plan.stream_device)
             source.unload(j)
         for b in group:

@@ -115,7 +115,7 @@ def _mask(ids: torch.Tensor) -> torch.Tensor:
 
 
 def score(model_dir: str | os.PathLike, data_path: str | os.PathLike, scorer: str, k: int,
-          device: str, dtype: str = "float32", select_from: str = "output,angular") -> dict:
+          device: str, dtype: str = "float32", select_from: str = CompressConfig.select_from) -> dict:
     """The k blocks to remove next and why: {"remove": original indices, "scores": {orig: importance},
     "order": remaining original indices, "flops"}; higher score = more important.
 
