@@ -640,9 +640,10 @@ def auto_method(gaps: int) -> str:
 
 def _recover_auto(job: RecoveryJob) -> RecoveryResult:
     """reconstruct+kd or block-recon+kd, by the gaps this removal leaves (`auto_method`)."""
-    method = auto_method(gap_count(job))
+    gaps = gap_count(job)
+    method = auto_method(gaps)
     result = RECOVERY_METHODS[method](job)
-    result.extra["auto"] = method
+    result.extra |= {"auto": method, "gaps": gaps}
     return result
 
 

@@ -352,4 +352,5 @@ def test_auto_repairs_one_gap_by_least_squares_and_several_block_wise(removed, e
     named, same, *_ = _run(removed=removed, method=expected, tokens=256, batch_size=4, lr=1e-3,
                            reconstruct_tokens=8 * SEQ)
     assert result.method == expected and result.extra["auto"] == expected and not result.aborted
+    assert result.extra["gaps"] == (1 if expected == "reconstruct+kd" else 2)
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), same.state_dict().values()))

@@ -181,6 +181,9 @@ def test_select_auto_removes_the_closer_set_and_repairs_by_its_gaps(tiny_model_d
     run = sorted(step["removed"])
     one_gap = run == list(range(run[0], run[0] + 3))
     assert step["recovery"]["extra"]["auto"] == ("reconstruct+kd" if one_gap else "block-recon+kd")
+    text = (tmp_path / "out" / "report.md").read_text()  # the user reads the choice, not only report.json
+    assert f"{step['chosen']} {', '.join(map(str, step['candidates'][step['chosen']]))} (" in text
+    assert f"`auto` repaired with {step['recovery']['extra']['auto']}" in text
     work = tmp_path / "out" / "work"
     alone = steps.score(work / "base", work / "data.pt", "output", 3, "cpu")
     assert step["score_flops"] > alone["flops"]  # output's pass, angular's and the sets' walk

@@ -128,7 +128,7 @@ def test_report_states_teacher_budget_final_phase_and_disjoint_token_ranges(repo
                             "compute": compute})
     _, table = _tables(text)
     assert [r[0] for r in table[1:]] == ["1", "2", "final-recovery"]
-    assert [r[-3:] for r in table[1:]] == [["base", "4096", "4–36"], ["base", "4096", "36–68"],
+    assert [r[-4:-1] for r in table[1:]] == [["base", "4096", "4–36"], ["base", "4096", "36–68"],
                                            ["base", "1024", "68–76"]]  # recovery windows start after 2 + 2
     assert "calibration [0, 2) = 256 tokens" in text and "held-out [2, 4) = 256 tokens" in text
     assert "recovery [4, 68) = 8,192 tokens" in text and "seed 3" in text and "of its 500 windows" in text
@@ -145,3 +145,31 @@ def test_base_at_chance_is_flagged(report):
     assert lines[0] in render_markdown(at_chance)
     no_stderr = {**report, "base_eval": {"blimp": {"acc": 0.5}}}
     assert [line for line in chance_lines(no_stderr) if "blimp" in line]
+
+
+def test_report_says_which_set_select_removed_and_how_auto_repaired(report):
+    """The Removal and repair section: both proposed sets with their distances, the one removed, and what
+    the repair before KD changed (auto's choice and gap count, block-recon's blocks and error)."""
+    step = {**report["steps"][0], "candidates": {"output": [4], "angular": [3]}, "chosen": "output",
+            "distances": {"output": 0.0399, "angular": 0.0478},
+            "recovery": {**report["steps"][0]["recovery"], "method": "block-recon+kd",
+                         "extra": {"auto": "block-recon+kd", "gaps": 2,
+                                   "block_recon": {"units": [{"blocks": [3], "restored": False},
+                                                             {"blocks": [5], "restored": True}],
+                                                   "tokens": 4096, "steps": 200,
+                                                   "error_before": 0.289, "error_after": 0.232}}}}
+    fit = {"fitted": ["model.layers.1.mlp.down_proj"], "tokens": 512, "error_before": 0.5, "error_after": 0.4,
+           "restored": []}
+    second = {**report["steps"][1], "recovery": {**report["steps"][1]["recovery"], "method": "reconstruct+kd",
+                                                 "extra": {"auto": "reconstruct+kd", "gaps": 1, "reconstruct": fit}}}
+    text = render_markdown({**report, "steps": [step, second]})
+    section = text.split("## Removal and repair")[1].split("##")[0]
+    assert "output 4 (0.0399, removed); angular 3 (0.0478)" in section
+    assert "Step 1: `auto` repaired with block-recon+kd (2 gaps:" in section
+    assert ("trained block 3 (4,096 tokens, 200 Adam steps), undone for block 5 (it did not help); held-out "
+            "residual error 0.289 → 0.232.") in section  # original numbering, as everywhere in the report
+    assert "Step 2: `auto` repaired with reconstruct+kd (1 gap:" in section
+    assert "refitted model.layers.1.mlp.down_proj (module names of the pruned model; 512 tokens); residual" in section
+    _, steps = _tables(text)
+    assert [r[-1] for r in steps[1:]] == ["block-recon+kd", "reconstruct+kd"]
+    assert "## Removal and repair" not in render_markdown(report)  # nothing chosen, nothing repaired: no section

@@ -128,14 +128,65 @@ def steps_table(report: dict) -> list[str]:
     phases = report.get("steps", []) + ([report["final_recovery"]] if report.get("final_recovery") else [])
     for step in phases:
         rec = step.get("recovery") or {}
-        body.append([step.get("name") or str(step["step"]), ", ".join(str(b) for b in step.get("removed", [])) or "–",
+        body.append([step.get("name") or str(step["step"]), _blocks(step.get("removed", [])),
                      str(step.get("num_layers", "–")), _fmt(rec.get("loss_before")),
                      _fmt(rec.get("loss_after")), str(rec.get("tokens", "–")),
                      _fmt(rec.get("seconds"), decimals=1), str(step.get("teacher", "–")),
-                     str(step.get("budget", "–")), _windows(step)])
+                     str(step.get("budget", "–")), _windows(step), str(rec.get("method", "–"))])
     header = ["step", "removed blocks", "blocks left", "KD loss before", "KD loss after",
-              "recovery tokens", "recovery s", "teacher", "budget", "recovery windows"]
+              "recovery tokens", "recovery s", "teacher", "budget", "recovery windows", "recovery"]
     return _table(header, body)
+
+
+def _blocks(blocks) -> str:
+    """'17, 14, 13': block numbers as the report writes them."""
+    return ", ".join(str(b) for b in blocks) or "–"
+
+
+def _select_line(step: dict) -> str:
+    """Which candidate set `--scorer select` removed and each set's output distance."""
+    chosen, distances = step["chosen"], step["distances"]
+    sets = "; ".join(f"{rule} {_blocks(step['candidates'][rule])} ({distances[rule]:.4f}"
+                     + (", removed)" if rule == chosen else ")") for rule in distances)
+    return (f"- Step {step['step']}: `select` compared the sets its scorers proposed by the output "
+            f"distance of removing each as a whole (mean 1 − cosine of the final hidden states against the "
+            f"unpruned model, calibration text) and removed the smallest: {sets}.")
+
+
+def _repair_lines(step: dict) -> list[str]:
+    """What the repair before KD did: `auto`'s choice, the blocks it changed and the error it left."""
+    rec, label = step.get("recovery") or {}, step.get("name") or f"Step {step['step']}"
+    extra, lines = rec.get("extra") or {}, []
+    if extra.get("auto"):
+        gaps = extra.get("gaps")
+        lines.append(f"- {label}: `auto` repaired with {extra['auto']}"
+                     + (f" ({gaps} gap{'s' if gaps != 1 else ''}: least squares for one contiguous gap, "
+                        "block-wise reconstruction for several)." if gaps is not None else "."))
+    if recon := extra.get("block_recon"):
+        kept = [b for u in recon["units"] if not u.get("restored") for b in u["blocks"]]
+        undone = [b for u in recon["units"] if u.get("restored") for b in u["blocks"]]
+        lines.append(f"- {label}: block-wise reconstruction trained block{'s' * (len(kept) != 1)} {_blocks(kept)} "
+                     f"({recon['tokens']:,} tokens, {recon['steps']} Adam steps)"
+                     + (f", undone for block{'s' * (len(undone) != 1)} {_blocks(undone)} (it did not help)"
+                        if undone else "")
+                     + f"; held-out residual error {recon['error_before']:.3f} → {recon['error_after']:.3f}.")
+    if fit := extra.get("reconstruct"):
+        lines.append(f"- {label}: least squares refitted {', '.join(fit['fitted']) or 'nothing'} (module names "
+                     f"of the pruned model; {fit['tokens']:,} tokens)"
+                     + (f", undone for {', '.join(fit['restored'])} (it did not help)" if fit.get("restored") else "")
+                     + f"; residual error {fit['error_before']:.3f} → {fit['error_after']:.3f}.")
+    return lines
+
+
+def choice_lines(report: dict) -> list[str]:
+    """Per phase: the removal `select` chose and why, and what the repair before KD did."""
+    lines = []
+    phases = report.get("steps", []) + ([report["final_recovery"]] if report.get("final_recovery") else [])
+    for step in phases:
+        if step.get("chosen") and step.get("distances"):
+            lines.append(_select_line(step))
+        lines += _repair_lines(step)
+    return lines
 
 
 def _span(part: dict) -> str:
@@ -191,6 +242,8 @@ def render_markdown(report: dict) -> str:
     if warnings := chance_lines(report):
         lines += [""] + warnings
     lines += ["", "## Steps", ""] + steps_table(report)
+    if choices := choice_lines(report):
+        lines += ["", "## Removal and repair", ""] + choices
     if facts := data_lines(report):
         lines += ["", "## Data and budget", ""] + facts
     lines += ["", "![block importance](importance.png)", "", "![metrics](metrics.png)", ""]
