@@ -58,13 +58,63 @@ def _params(report: dict) -> tuple[int | None, int | None]:
     return counts.get("base"), counts.get("final")
 
 
+# How the card says the blocks were ranked, per --scorer (select names the rules it compared).
+HOW_SCORED = {
+    "output": "by how much the model's final hidden states change without it (the IteRABRe criterion)",
+    "block-influence": "by how little it changes its own input (ShortGPT's block influence)",
+    "angular": "by the angular distance across each contiguous run of blocks",
+    "perplexity": "by the perplexity of the model without it (SLEB)",
+}
+# What the card says a recovery method did (`auto` is reported as the method it ran).
+HOW_REPAIRED = {
+    "none": "left the smaller model unhealed",
+    "kd": "healed the smaller model by distillation from the original",
+    "lora-kd": "healed the smaller model by distillation from the original through LoRA adapters, merged "
+               "into the weights",
+    "reconstruct": "refitted the block before each gap by least squares to reproduce the original model's "
+                   "residual stream",
+    "reconstruct+kd": "refitted the block before each gap by least squares to reproduce the original model's "
+                      "residual stream, then distilled from the original",
+    "block-recon": "retrained the block before each gap to reproduce the original model's residual stream",
+    "block-recon+kd": "retrained the block before each gap to reproduce the original model's residual stream, "
+                      "then distilled from the original",
+}
+
+
+def _repairs(report: dict) -> list[str]:
+    """The recovery methods the job ran, in order, once each (`auto` resolved by the step records)."""
+    phases = report.get("steps", []) + ([report["final_recovery"]] if report.get("final_recovery") else [])
+    ran = [(p.get("recovery") or {}).get("method") for p in phases]
+    named = ((report.get("config") or {}).get("recovery") or {}).get("method")
+    return list(dict.fromkeys(m for m in ran if m)) or ([named] if named and named != "auto" else [])
+
+
+def _how_scored(report: dict) -> str:
+    cfg = report.get("config") or {}
+    scorer = cfg.get("scorer", UNKNOWN)
+    if scorer != "select":
+        return HOW_SCORED.get(scorer, f"with the `{scorer}` scorer")
+    rules = [r.strip() for r in str(cfg.get("select_from") or "").split(",") if r.strip()]
+    chosen = [s["chosen"] for s in report.get("steps", []) if s.get("chosen")]
+    names = [f"`{r}`" for r in rules] or ["several rules"]
+    listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+    return (f"with {listed} and chose, of the sets they proposed, the one whose removal as a whole moves the "
+            "final hidden states least" + (f" (`{'`, `'.join(dict.fromkeys(chosen))}`'s)" if chosen else ""))
+
+
 def _summary(report: dict) -> list[str]:
     base, final = _params(report)
     shrink = f" ({100 * (1 - final / base):.1f} % fewer)" if base and final else ""
-    return [f"This model was made from `{report['base_model']}` by iterabre "
-            "(IteRABRe: iterative recovery-aided block reduction): it scores every decoder block by how much "
-            "the model's output changes without it, removes the least important one, heals the smaller "
-            f"model by distillation from the original, and repeats. Parameters: {_millions(base)} -> "
+    cfg = report.get("config") or {}
+    repaired = " or ".join(HOW_REPAIRED.get(m, f"ran `{m}`") for m in _repairs(report)) or "did not heal it"
+    removed = report["base_num_layers"] - report["final_num_layers"]
+    if cfg.get("schedule") == "iterative":
+        how = (f"it scored every decoder block {_how_scored(report)}, removed the least important, {repaired}, "
+               f"and repeated until {report['final_num_layers']} blocks remained")
+    else:
+        how = f"it scored the decoder blocks once {_how_scored(report)}, removed {removed} at once and {repaired}"
+    return [f"This model was made from `{report['base_model']}` by iterabre, block pruning after IteRABRe "
+            f"(iterative recovery-aided block reduction): {how}. Parameters: {_millions(base)} -> "
             f"{_millions(final)}{shrink}."]
 
 
@@ -80,7 +130,9 @@ def _what_was_done(report: dict) -> list[str]:
             "index of every remaining block as `iterabre_original_layers`.",
             f"- Block scoring: `{cfg.get('scorer', UNKNOWN)}` scorer, `{cfg.get('schedule', UNKNOWN)}` schedule, "
             f"on {cfg.get('calibration_tokens', '?')} calibration tokens ({cfg.get('calibration', UNKNOWN)}).",
-            f"- Recovery: `{rec.get('method', UNKNOWN)}` from the `{cfg.get('teacher', UNKNOWN)}` teacher, "
+            f"- Recovery: `{rec.get('method', UNKNOWN)}`"
+            + (f" (ran {', '.join(f'`{m}`' for m in _repairs(report))})" if rec.get("method") == "auto" else "")
+            + f" from the `{cfg.get('teacher', UNKNOWN)}` teacher, "
             f"{'?' if trained is None else f'{trained:,}'} tokens trained in all "
             f"(`{budget.get('schedule', cfg.get('budget_schedule', UNKNOWN))}` budget schedule).",
             f"- Data version (DVC md5 of the calibration, recovery and evaluation data): `{data}`.",

@@ -123,6 +123,30 @@ def test_model_card(final_dir):
     assert "could not be found" in modelcard.render({**report, "licence": "unknown"})
 
 
+def test_model_card_describes_what_the_job_did(final_dir):
+    """The card's summary follows the job: one-shot select names the set it kept and the repair auto ran;
+    the paper's iterative KD recipe reads as the paper's loop. Every scorer and method has its words."""
+    from iterabre.recovery import RECOVERY_METHODS
+    from iterabre.scorers import SCORERS
+
+    assert set(modelcard.HOW_SCORED) == set(SCORERS)
+    assert set(modelcard.HOW_REPAIRED) == set(RECOVERY_METHODS) - {"auto"}
+    report = report_for(final_dir, "smollm2-135m", 20.0, 0.7)
+    cfg = report["config"]
+    assert cfg["scorer"] == "select" and cfg["recovery"]["method"] == "auto"  # the defaults
+    steps = [{"step": 1, "chosen": "angular", "recovery": {"method": "reconstruct+kd"}}]
+    card = modelcard.render({**report, "steps": steps})
+    assert ("scored the decoder blocks once with `output` and `angular` and chose, of the sets they proposed, "
+            "the one whose removal as a whole moves the final hidden states least (`angular`'s), removed 2 at "
+            "once and refitted the block before each gap by least squares") in card
+    assert "- Recovery: `auto` (ran `reconstruct+kd`) from the `base` teacher" in card
+    paper = {**cfg, "scorer": "output", "schedule": "iterative", "recovery": {**cfg["recovery"], "method": "kd"}}
+    card = modelcard.render({**report, "config": paper, "steps": [{"step": 1, "recovery": {"method": "kd"}}] * 2})
+    assert ("scored every decoder block by how much the model's final hidden states change without it (the "
+            "IteRABRe criterion), removed the least important, healed the smaller model by distillation from "
+            "the original, and repeated until 4 blocks remained") in card
+
+
 def test_base_licence_from_the_base_models_files(tmp_path):
     assert modelcard.base_licence("smollm2-135m") == "Apache-2.0"
     (tmp_path / "a").mkdir()
