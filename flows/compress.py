@@ -32,6 +32,7 @@ from flows.lifecycle import ensure_prefect_api, signals_as_interrupts
 from iterabre import planning, steps
 from iterabre.config import CompressConfig, FlowOptions, RecoveryConfig, normalise, validate
 from iterabre.errors import IterabreError
+from iterabre.evaluation.report import choice_summary
 from iterabre.planner import check_plan
 from iterabre.files import hash_path, output_lock, write_json
 
@@ -489,6 +490,8 @@ def run_from_cli(cfg: CompressConfig, **options) -> dict:
     out = Path(cfg.output).resolve()
     print(f"\nremoved blocks {report['removed_layers']}: {report['base_num_layers']} -> "
           f"{report['final_num_layers']} blocks")
+    if choices := choice_summary(report):
+        print("\n".join(choices))
     print("\n".join(_metric_lines(report)) or "  (no evaluation tasks)")
     print(f"final model: {out / 'final'}\nreport:      {out / 'report.md'}")
     print(f"registry:    {report['registry']['uri']} (version {report['registry']['version']})")

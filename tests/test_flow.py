@@ -167,7 +167,7 @@ def test_one_shot_angular_kd_runs_through_the_flow(tiny_model_dir, tmp_path):
     assert step["recovery"]["loss_after"] < step["recovery"]["loss_before"]
 
 
-def test_select_auto_removes_the_closer_set_and_repairs_by_its_gaps(tiny_model_dir, tmp_path):
+def test_select_auto_removes_the_closer_set_and_repairs_by_its_gaps(tiny_model_dir, tmp_path, capsys):
     """scorer=select: the step records both proposed sets and their distances and removes the smaller one;
     recovery auto then runs the repair its gaps call for, and the report counts all scoring FLOPs."""
     cfg = tiny_config(tiny_model_dir, tmp_path / "out", schedule="one-shot", target_layers=3, scorer="select",
@@ -182,6 +182,9 @@ def test_select_auto_removes_the_closer_set_and_repairs_by_its_gaps(tiny_model_d
     one_gap = run == list(range(run[0], run[0] + 3))
     assert step["recovery"]["extra"]["auto"] == ("reconstruct+kd" if one_gap else "block-recon+kd")
     text = (tmp_path / "out" / "report.md").read_text()  # the user reads the choice, not only report.json
+    printed = capsys.readouterr().out
+    assert f"step 1: select removed {step['chosen']}'s set (output distance " in printed
+    assert f"; auto repaired with {step['recovery']['extra']['auto']} (" in printed
     assert f"{step['chosen']} {', '.join(map(str, step['candidates'][step['chosen']]))} (" in text
     assert f"`auto` repaired with {step['recovery']['extra']['auto']}" in text
     work = tmp_path / "out" / "work"

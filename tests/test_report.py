@@ -5,7 +5,8 @@ import math
 import matplotlib.image
 import pytest
 
-from iterabre.evaluation.report import chance_lines, importance_matrix, render_markdown, retained, write_report
+from iterabre.evaluation.report import (chance_lines, choice_summary, importance_matrix, render_markdown, retained,
+                                        write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -173,3 +174,8 @@ def test_report_says_which_set_select_removed_and_how_auto_repaired(report):
     _, steps = _tables(text)
     assert [r[-1] for r in steps[1:]] == ["block-recon+kd", "reconstruct+kd"]
     assert "## Removal and repair" not in render_markdown(report)  # nothing chosen, nothing repaired: no section
+    assert choice_summary({**report, "steps": [step, second]}) == [
+        "  step 1: select removed output's set (output distance 0.0399; angular's 0.0478); auto repaired with "
+        "block-recon+kd (2 gaps)",
+        "  step 2: auto repaired with reconstruct+kd (1 gap)"]
+    assert choice_summary(report) == []

@@ -178,6 +178,26 @@ def _repair_lines(step: dict) -> list[str]:
     return lines
 
 
+def choice_summary(report: dict) -> list[str]:
+    """Short console lines: which set `select` removed against which, and the repair `auto` ran, per
+    phase that made such a choice (report.md's Removal and repair section has the details)."""
+    lines = []
+    phases = report.get("steps", []) + ([report["final_recovery"]] if report.get("final_recovery") else [])
+    for step in phases:
+        parts, extra = [], ((step.get("recovery") or {}).get("extra") or {})
+        if step.get("chosen") and step.get("distances"):
+            chosen, distances = step["chosen"], step["distances"]
+            others = ", ".join(f"{rule}'s {d:.4f}" for rule, d in distances.items() if rule != chosen)
+            parts.append(f"select removed {chosen}'s set (output distance {distances[chosen]:.4f}; {others})")
+        if extra.get("auto"):
+            gaps = extra.get("gaps")
+            parts.append(f"auto repaired with {extra['auto']}"
+                         + (f" ({gaps} gap{'s' * (gaps != 1)})" if gaps is not None else ""))
+        if parts:
+            lines.append(f"  {step.get('name') or 'step ' + str(step['step'])}: {'; '.join(parts)}")
+    return lines
+
+
 def choice_lines(report: dict) -> list[str]:
     """Per phase: the removal `select` chose and why, and what the repair before KD did."""
     lines = []
