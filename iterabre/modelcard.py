@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import Counter
 from pathlib import Path
 
 from iterabre.paths import SOURCE_FILE
@@ -75,16 +76,17 @@ HOW_REPAIRED = {
                    "residual stream",
     "reconstruct+kd": "refitted the block before each gap by least squares to reproduce the original model's "
                       "residual stream, then distilled from the original",
-    "block-recon": "retrained the block before each gap to reproduce the original model's residual stream",
-    "block-recon+kd": "retrained the block before each gap to reproduce the original model's residual stream, "
+    "block-recon": "retrained the kept block(s) at each gap to reproduce the original model's residual stream",
+    "block-recon+kd": "retrained the kept block(s) at each gap to reproduce the original model's residual stream, "
                       "then distilled from the original",
 }
 
 
 def _repairs(report: dict) -> list[str]:
     """The recovery methods the job ran, in order, once each (`auto` resolved by the step records)."""
-    phases = report.get("steps", []) + ([report["final_recovery"]] if report.get("final_recovery") else [])
-    ran = [(p.get("recovery") or {}).get("method") for p in phases]
+    from iterabre.evaluation.report import phases
+
+    ran = [(p.get("recovery") or {}).get("method") for p in phases(report)]
     named = ((report.get("config") or {}).get("recovery") or {}).get("method")
     return list(dict.fromkeys(m for m in ran if m)) or ([named] if named and named != "auto" else [])
 
@@ -95,11 +97,13 @@ def _how_scored(report: dict) -> str:
     if scorer != "select":
         return HOW_SCORED.get(scorer, f"with the `{scorer}` scorer")
     rules = [r.strip() for r in str(cfg.get("select_from") or "").split(",") if r.strip()]
-    chosen = [s["chosen"] for s in report.get("steps", []) if s.get("chosen")]
+    chosen = Counter(s["chosen"] for s in report.get("steps", []) if s.get("chosen"))
     names = [f"`{r}`" for r in rules] or ["several rules"]
     listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+    picked = (f"`{next(iter(chosen))}`'s" if len(chosen) == 1 else
+              ", ".join(f"`{rule}`'s at {n} step{'s' * (n != 1)}" for rule, n in chosen.most_common()))
     return (f"with {listed} and chose, of the sets they proposed, the one whose removal as a whole moves the "
-            "final hidden states least" + (f" (`{'`, `'.join(dict.fromkeys(chosen))}`'s)" if chosen else ""))
+            "final hidden states least" + (f" ({picked})" if chosen else ""))
 
 
 def _summary(report: dict) -> list[str]:
@@ -108,11 +112,14 @@ def _summary(report: dict) -> list[str]:
     cfg = report.get("config") or {}
     repaired = " or ".join(HOW_REPAIRED.get(m, f"ran `{m}`") for m in _repairs(report)) or "did not heal it"
     removed = report["base_num_layers"] - report["final_num_layers"]
+    select = cfg.get("scorer") == "select"
     if cfg.get("schedule") == "iterative":
-        how = (f"it scored every decoder block {_how_scored(report)}, removed the least important, {repaired}, "
-               f"and repeated until {report['final_num_layers']} blocks remained")
+        how = (f"it scored every decoder block {_how_scored(report)}, removed "
+               f"{'that set' if select else 'the least important'}, {repaired}, and repeated until "
+               f"{report['final_num_layers']} blocks remained")
     else:
-        how = f"it scored the decoder blocks once {_how_scored(report)}, removed {removed} at once and {repaired}"
+        how = (f"it scored the decoder blocks once {_how_scored(report)}, removed "
+               f"{f'its {removed} blocks' if select else f'the {removed} least important'} at once and {repaired}")
     return [f"This model was made from `{report['base_model']}` by iterabre, block pruning after IteRABRe "
             f"(iterative recovery-aided block reduction): {how}. Parameters: {_millions(base)} -> "
             f"{_millions(final)}{shrink}."]

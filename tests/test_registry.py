@@ -137,14 +137,20 @@ def test_model_card_describes_what_the_job_did(final_dir):
     steps = [{"step": 1, "chosen": "angular", "recovery": {"method": "reconstruct+kd"}}]
     card = modelcard.render({**report, "steps": steps})
     assert ("scored the decoder blocks once with `output` and `angular` and chose, of the sets they proposed, "
-            "the one whose removal as a whole moves the final hidden states least (`angular`'s), removed 2 at "
-            "once and refitted the block before each gap by least squares") in card
+            "the one whose removal as a whole moves the final hidden states least (`angular`'s), removed its 2 "
+            "blocks at once and refitted the block before each gap by least squares") in card
     assert "- Recovery: `auto` (ran `reconstruct+kd`) from the `base` teacher" in card
     paper = {**cfg, "scorer": "output", "schedule": "iterative", "recovery": {**cfg["recovery"], "method": "kd"}}
     card = modelcard.render({**report, "config": paper, "steps": [{"step": 1, "recovery": {"method": "kd"}}] * 2})
     assert ("scored every decoder block by how much the model's final hidden states change without it (the "
             "IteRABRe criterion), removed the least important, healed the smaller model by distillation from "
             "the original, and repeated until 4 blocks remained") in card
+    iterative = {**cfg, "schedule": "iterative"}
+    steps = [{"step": 1, "chosen": "output", "recovery": {"method": "block-recon+kd"}},
+             {"step": 2, "chosen": "angular", "recovery": {"method": "reconstruct+kd"}}]
+    card = modelcard.render({**report, "config": iterative, "steps": steps})
+    assert "least (`output`'s at 1 step, `angular`'s at 1 step), removed that set, retrained the kept block(s)" in card
+    assert "then distilled from the original or refitted the block before each gap by least squares" in card
 
 
 def test_base_licence_from_the_base_models_files(tmp_path):

@@ -122,11 +122,15 @@ def _windows(step: dict) -> str:
     return ", ".join(f"{a}–{b}" for a, b in spans) or "–"
 
 
+def phases(report: dict) -> list[dict]:
+    """Every recovery phase of a job in order: its steps, then the `final` schedule's last phase if any."""
+    return report.get("steps", []) + ([report["final_recovery"]] if report.get("final_recovery") else [])
+
+
 def steps_table(report: dict) -> list[str]:
     """One row per recovery phase: removed blocks (original numbering), teacher, losses, text used."""
     body = []
-    phases = report.get("steps", []) + ([report["final_recovery"]] if report.get("final_recovery") else [])
-    for step in phases:
+    for step in phases(report):
         rec = step.get("recovery") or {}
         body.append([step.get("name") or str(step["step"]), _blocks(step.get("removed", [])),
                      str(step.get("num_layers", "–")), _fmt(rec.get("loss_before")),
@@ -182,8 +186,7 @@ def choice_summary(report: dict) -> list[str]:
     """Short console lines: which set `select` removed against which, and the repair `auto` ran, per
     phase that made such a choice (report.md's Removal and repair section has the details)."""
     lines = []
-    phases = report.get("steps", []) + ([report["final_recovery"]] if report.get("final_recovery") else [])
-    for step in phases:
+    for step in phases(report):
         parts, extra = [], ((step.get("recovery") or {}).get("extra") or {})
         if step.get("chosen") and step.get("distances"):
             chosen, distances = step["chosen"], step["distances"]
@@ -201,8 +204,7 @@ def choice_summary(report: dict) -> list[str]:
 def choice_lines(report: dict) -> list[str]:
     """Per phase: the removal `select` chose and why, and what the repair before KD did."""
     lines = []
-    phases = report.get("steps", []) + ([report["final_recovery"]] if report.get("final_recovery") else [])
-    for step in phases:
+    for step in phases(report):
         if step.get("chosen") and step.get("distances"):
             lines.append(_select_line(step))
         lines += _repair_lines(step)
