@@ -14,6 +14,7 @@ import struct
 from collections import Counter
 from pathlib import Path
 
+from iterabre.config import select_rules
 from iterabre.paths import SOURCE_FILE
 
 UNKNOWN = "unknown"
@@ -96,7 +97,7 @@ def _how_scored(report: dict) -> str:
     scorer = cfg.get("scorer", UNKNOWN)
     if scorer != "select":
         return HOW_SCORED.get(scorer, f"with the `{scorer}` scorer")
-    rules = [r.strip() for r in str(cfg.get("select_from") or "").split(",") if r.strip()]
+    rules = select_rules(str(cfg.get("select_from") or ""))
     chosen = Counter(s["chosen"] for s in report.get("steps", []) if s.get("chosen"))
     names = [f"`{r}`" for r in rules] or ["several rules"]
     listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
